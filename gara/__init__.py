@@ -1,0 +1,1 @@
+"""GaRA-SAM: gated-rank adaptation of a frozen Segment Anything Model."""
