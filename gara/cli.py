@@ -1,0 +1,203 @@
+"""The `gara` command line: one typer app over the library's functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    help="GaRA-SAM: make a frozen Segment Anything Model robust with gated-rank adapters.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Dataset commands (validate, build the embedded sample).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+# --- model commands ----------------------------------------------------------------------
+@app.command()
+def info(
+    backbone: str = typer.Option("lite_medsam", help="Backbone name (see `gara backbones`)."),
+    adapter: str = typer.Option("gara", help="Adapter kind: gara, lora, or none."),
+    rank: int | None = typer.Option(None, help="LoRA rank (default 16)."),
+    low_rank: int | None = typer.Option(None, help="GaRA low rank space r_L (default 16)."),
+    high_rank: int | None = typer.Option(None, help="GaRA high rank space r_H (default 256)."),
+    targets: str | None = typer.Option(None, help="Projections to adapt, e.g. q,v (default q,k,v)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Parameter report: total, trainable, and per adapted layer (built without weights)."""
+    import json
+
+    from gara.config import ModelConfig
+    from gara.models.adapters.config import AdapterConfig
+    from gara.models.factory import build_segmenter
+    from gara.models.inject import parameter_report
+
+    if adapter not in ("gara", "lora", "none"):
+        raise typer.BadParameter(f"{adapter!r}: choose gara, lora or none", param_hint="--adapter")
+    fields = {"rank": rank, "low_rank": low_rank, "high_rank": high_rank}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if targets:
+        fields["projections"] = [t.strip() for t in targets.split(",") if t.strip()]
+    kind = "gara" if adapter == "none" else adapter
+    config = ModelConfig(backbone=backbone, adapter=AdapterConfig(kind=kind, **fields))
+    segmenter = build_segmenter(config, with_adapter=adapter != "none", pretrained=False)
+    report = {"backbone": backbone, "adapter": adapter, **parameter_report(segmenter)}
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"backbone {backbone}, adapter {adapter}")
+    typer.echo(f"  total params     {report['total_params']:>13,}")
+    typer.echo(f"  trainable params {report['trainable_params']:>13,}")
+    for row in report["adapted_layers"]:
+        ranks = "/".join(str(r) for r in row["ranks"])
+        parts = ",".join(row["parts"])
+        typer.echo(f"  {row['name']:<48} {row['kind']:<5} r={ranks:<7} {parts:<6} {row['params']:>10,}")
+
+
+@app.command()
+def backbones() -> None:
+    """List the registered backbones."""
+    from gara.models.backbones import BACKBONES
+
+    for name, spec in BACKBONES.items():
+        typer.echo(f"{name:<12} {spec.description}")
+
+
+
+# --- data commands (gara data ...) -------------------------------------------------------
+@data_app.command("validate")
+def data_validate(
+    path: Path = typer.Argument(..., help="Dataset folder: annotations.json + its images."),
+) -> None:
+    """Check a dataset folder; print every problem and exit 1 if there is any."""
+    from gara.data.validate import format_problems, ok_summary, validate_dataset
+
+    problems = validate_dataset(path)
+    if problems:
+        typer.echo(format_problems(problems))
+        typer.echo(f"{path}: {len(problems)} problem(s)", err=True)
+        raise typer.Exit(1)
+    typer.echo(ok_summary(path))
+
+
+@data_app.command("build-sample")
+def data_build_sample(
+    out: Path = typer.Option(Path("data"), help="Folder that receives train/ and val/."),
+    seed: int = typer.Option(0, min=0, help="Same seed, byte-identical output."),
+    train_size: int = typer.Option(300, min=2, help="Train images (real photos included)."),
+    val_size: int = typer.Option(32, min=1, help="Val images (real photos included)."),
+) -> None:
+    """Build the embedded sample dataset (real photos + copy-paste composites)."""
+    from gara.data.sample import build_sample
+    from gara.data.validate import ok_summary
+
+    for folder in build_sample(out, seed=seed, train_size=train_size, val_size=val_size).values():
+        typer.echo(ok_summary(folder).replace("OK: ", "built: ", 1))
+
+
+
+# --- corruption commands -----------------------------------------------------------------
+def _split_list(text: str) -> list[str]:
+    return [part for part in text.replace(",", " ").split() if part]
+
+
+def _corrupt_params(
+    params_file: Path | None, types: str | None, severities: str | None, seed: int | None
+) -> tuple[list[str] | None, list[int] | None, int]:
+    """Options win over the ``corrupt:`` section of a params file (DVC's params.yaml)."""
+    section: dict = {}
+    if params_file is not None:
+        import yaml
+
+        if not params_file.is_file():
+            raise FileNotFoundError(f"params file {params_file} does not exist")
+        section = (yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}).get("corrupt") or {}
+    type_list = _split_list(types) if types is not None else section.get("types")
+    if severities is not None:
+        sev_list: list[int] | None = []
+        for part in _split_list(severities):
+            try:
+                sev_list.append(int(part))
+            except ValueError:
+                raise ValueError(f"severity {part!r} is not an integer; valid: 1..5") from None
+    else:
+        sev_list = section.get("severities")
+    return type_list, sev_list, seed if seed is not None else int(section.get("seed", 0))
+
+
+@app.command("corrupt")
+def corrupt(
+    data: Path = typer.Option(..., "--data", help="Dataset folder: annotations.json + images."),
+    out: Path = typer.Option(..., "--out", help="Output dataset folder (PNG images + COCO)."),
+    types: str | None = typer.Option(None, help="Comma-separated types; default: all 17."),
+    severities: str | None = typer.Option(None, help="Comma-separated, e.g. 1,3,5; default 1..5."),
+    seed: int | None = typer.Option(None, help="Default: params file's corrupt.seed, else 0."),
+    variants_per_image: int | None = typer.Option(
+        None, min=1, help="Draw N (type, severity) pairs per image instead of the full grid."
+    ),
+    workers: int | None = typer.Option(None, min=1, help="Processes; default: all cores."),
+    params_file: Path | None = typer.Option(
+        None, help="YAML with a corrupt: section (types, severities, seed), e.g. params.yaml."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Write every (image, type, severity) of a dataset as a new dataset folder."""
+    from gara.data.corrupt import corrupt_dataset
+
+    try:
+        type_list, sev_list, seed_value = _corrupt_params(params_file, types, severities, seed)
+        summary = corrupt_dataset(
+            data, out, types=type_list, severities=sev_list, seed=seed_value,
+            variants_per_image=variants_per_image, workers=workers, progress=progress,
+        )
+    except (ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(
+        f"{summary.out}: {summary.images} images ({summary.source_images} sources), "
+        f"{summary.annotations} annotations; written {summary.written}, skipped {summary.skipped}"
+        f", removed {summary.removed}, dropped instances {summary.dropped_instances}"
+        f" [{summary.seconds:.1f} s]"
+    )
+
+
+@app.command("contact-sheet")
+def contact_sheet(
+    image: Path = typer.Option(..., "--image", help="Image file to corrupt."),
+    out: Path = typer.Option(..., "--out", help="PNG to write."),
+    types: str | None = typer.Option(None, help="Comma-separated types; default: all 17."),
+    severities: str | None = typer.Option(None, help="Comma-separated; default 1..5."),
+    seed: int = typer.Option(0),
+    cell: int = typer.Option(192, min=32, help="Size of one tile in px."),
+) -> None:
+    """Render one image under every corruption type (rows) and severity (columns)."""
+    from gara.data.corrupt import render_contact_sheet
+
+    try:
+        type_list, sev_list, _ = _corrupt_params(None, types, severities, seed)
+        path = render_contact_sheet(image, out, type_list, sev_list, seed=seed, cell=cell)
+    except (ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {path}")
+
+
+def main() -> None:
+    """Entry point: user errors print one clear line (exit 2), not a stack trace."""
+    import logging
+    import sys
+
+    from gara.errors import USER_ERRORS
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()  # typer reports usage errors itself and exits
+    except USER_ERRORS as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

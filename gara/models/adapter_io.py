@@ -1,0 +1,148 @@
+"""The adapter artifact: ``adapter.safetensors`` (adapter tensors only) + ``adapter.json``.
+
+The JSON says what the tensors are for (adapter kind and sizes, target layers, backbone)
+and which base checkpoint they belong to (URI + sha256): the base is referenced, never
+copied. Loading checks both files against each other and against the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors.torch import load_file, save_file
+
+from gara.fsutil import atomic_write, atomic_write_json
+from gara.models.adapters.config import AdapterConfig
+from gara.models.backbones import build_backbone
+from gara.models.checkpoints import file_sha256
+from gara.models.inject import (
+    adapter_layers,
+    adapter_state_dict,
+    adapter_tensors,
+    attach_adapter,
+    parameter_report,
+)
+from gara.models.segmenter import Segmenter
+
+WEIGHTS_FILE = "adapter.safetensors"
+CONFIG_FILE = "adapter.json"
+FORMAT_VERSION = 1
+
+
+class AdapterFormatError(ValueError):
+    """An adapter folder is incomplete, inconsistent, or does not fit the model."""
+
+
+class AdapterManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    adapter: AdapterConfig
+    backbone: str
+    base_checkpoint: str | None
+    base_checkpoint_sha256: str | None
+    weights_sha256: str
+    adapted_layers: list[str]
+    trainable_params: int
+
+
+def save_adapter(segmenter: Segmenter, directory: str | Path) -> Path:
+    """Write the adapter of ``segmenter`` into ``directory`` (weights first, JSON last)."""
+    directory = Path(directory)
+    config: AdapterConfig | None = getattr(segmenter, "adapter_config", None)
+    if config is None:
+        raise AdapterFormatError("this segmenter has no adapter to save")
+    state = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(segmenter).items()}
+    weights = directory / WEIGHTS_FILE
+    atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    manifest = AdapterManifest(
+        adapter=config,
+        backbone=segmenter.backbone_name,
+        base_checkpoint=segmenter.checkpoint,
+        base_checkpoint_sha256=segmenter.checkpoint_sha256,
+        weights_sha256=file_sha256(weights),
+        adapted_layers=list(adapter_layers(segmenter)),
+        trainable_params=parameter_report(segmenter)["trainable_params"],
+    )
+    atomic_write_json(directory / CONFIG_FILE, manifest.model_dump(mode="json"))
+    return directory
+
+
+def read_manifest(directory: str | Path) -> AdapterManifest:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterFormatError(f"{path}: missing; an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        return AdapterManifest.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, ValidationError) as exc:
+        raise AdapterFormatError(f"{path}: not a valid adapter config: {exc}") from exc
+
+
+def load_adapter_weights(segmenter: Segmenter, directory: str | Path) -> None:
+    """Load saved adapter tensors into a segmenter that already carries the same adapters.
+
+    Fails, naming the first layer that does not fit, before changing anything.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise AdapterFormatError(f"{weights}: missing")
+    actual = file_sha256(weights)
+    if actual != manifest.weights_sha256:
+        raise AdapterFormatError(
+            f"{weights}: sha256 {actual} differs from {CONFIG_FILE}'s {manifest.weights_sha256} "
+            "(the two files are from different saves, or the weights were modified)"
+        )
+    saved = load_file(str(weights))
+    expected = adapter_tensors(segmenter)
+    for layer, name, param in expected:
+        if name not in saved:
+            raise AdapterFormatError(
+                f"layer {layer}: tensor {name} is not in {weights} (the adapter was made for "
+                f"another model: backbone {manifest.backbone!r}, layers {manifest.adapted_layers[:3]}...)"
+            )
+        if saved[name].shape != param.shape:
+            raise AdapterFormatError(
+                f"layer {layer}: {name} has shape {tuple(saved[name].shape)} in {weights} but "
+                f"{tuple(param.shape)} in this {segmenter.backbone_name!r} model"
+            )
+    known = {name for _, name, _ in expected}
+    extra = [k for k in saved if k not in known]
+    if extra:
+        raise AdapterFormatError(f"{weights}: tensors this model has no place for, e.g. {extra[0]}")
+    with torch.no_grad():
+        for _, name, param in expected:
+            param.copy_(saved[name])
+
+
+def load_adapted_segmenter(
+    directory: str | Path,
+    checkpoint: str | None = None,
+    s3_endpoint_url: str | None = None,
+) -> Segmenter:
+    """Rebuild base + adapter from an adapter folder.
+
+    The base comes from ``checkpoint`` (a path or s3:// URL; default: the one recorded in
+    the folder, or the backbone's packaged weights) and must have the recorded sha256.
+    """
+    manifest = read_manifest(directory)
+    if checkpoint is None and manifest.base_checkpoint is None:
+        raise AdapterFormatError(
+            f"{directory}: the adapter was trained on a {manifest.backbone} without pretrained "
+            "weights, so its base cannot be rebuilt; load it with load_adapter_weights into that model"
+        )
+    backbone = build_backbone(
+        manifest.backbone,
+        checkpoint=checkpoint or manifest.base_checkpoint,
+        checkpoint_sha256=manifest.base_checkpoint_sha256,
+        s3_endpoint_url=s3_endpoint_url,
+    )
+    segmenter = Segmenter(backbone)
+    attach_adapter(segmenter, manifest.adapter)
+    load_adapter_weights(segmenter, directory)
+    segmenter.eval()
+    return segmenter

@@ -1,0 +1,1 @@
+"""Adapters on frozen Linear layers: LoRA and GaRA (gated-rank adaptation)."""

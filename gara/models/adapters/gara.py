@@ -1,0 +1,108 @@
+"""GaRA: gated-rank adaptation (Lee et al., GaRA-SAM, NeurIPS 2025).
+
+Per adapted layer: a low rank space (r_L components) and a high one (r_H components), each
+a sum of rank-1 terms b_i a_i^T on every adapted projection (Q, K, V separately, sharing
+one set of gates). Per attention input (a window, or a whole image in global blocks):
+
+    g        = mean of the input tokens                       (gate input, our reading)
+    z_space  = GumbelSigmoid(space_gate(g))                   2-layer MLP, hidden 64
+    z_L, z_H = GumbelSigmoid(low_gate(g)), (high_gate(g))     3-layer MLPs, hidden 16
+    dW(x)    = (1 - z_space) sum_i z_L,i b_i a_i^T + z_space sum_j z_H,j b_j a_j^T
+
+The components are stored as one rank-(r_L + r_H) LoRA (columns 0..r_L-1 = low space), so
+a gate decision is just a per-input coefficient c = [(1 - z_space) z_L, z_space z_H].
+Training computes every component (the space gate's straight-through gradient needs the
+branch not taken); evaluation computes, per group of inputs that chose the same space,
+only the components switched on in that group.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gara.models.adapters.gates import GateMLP, gumbel_sigmoid
+from gara.models.adapters.lowrank import LowRankAdapterLinear, as_tokens
+from gara.models.adapters.projections import ProjectionLayout
+
+
+class GaRALinear(LowRankAdapterLinear):
+    adapter_kind = "gara"
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        layout: ProjectionLayout,
+        low_rank: int = 16,
+        high_rank: int = 256,
+        space_gate_hidden: int = 64,
+        component_gate_hidden: int = 16,
+        tau: float = 0.5,
+        scale: float = 1.0,
+    ):
+        super().__init__(base, layout, rank=low_rank + high_rank, scale=scale)
+        self.low_rank, self.high_rank, self.tau = low_rank, high_rank, tau
+        c = base.in_features
+        self.space_gate = GateMLP(c, space_gate_hidden, 1, n_layers=2)
+        self.low_gate = GateMLP(c, component_gate_hidden, low_rank, n_layers=3)
+        self.high_gate = GateMLP(c, component_gate_hidden, high_rank, n_layers=3)
+        # Decisions of the last forward, per attention input (detached): observability of
+        # the method's signature, the effective rank.
+        self.last_space: torch.Tensor | None = None
+        self.last_active: torch.Tensor | None = None
+
+    def gate_coefficients(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pooled (N, C) -> (coefficients (N, r_L + r_H), space decision (N,))."""
+        z_space = gumbel_sigmoid(self.space_gate(pooled), self.tau, self.training)
+        z_low = gumbel_sigmoid(self.low_gate(pooled), self.tau, self.training)
+        z_high = gumbel_sigmoid(self.high_gate(pooled), self.tau, self.training)
+        coeff = torch.cat([(1 - z_space) * z_low, z_space * z_high], dim=-1)
+        return coeff, z_space[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        tokens, out_tokens = as_tokens(x), as_tokens(out)
+        coeff, space = self.gate_coefficients(tokens.mean(dim=1))
+        self.last_space = space.detach()
+        self.last_active = (coeff.detach() != 0).sum(dim=-1)
+        if self.training:
+            self._add_low_rank(out_tokens, tokens, coeff)
+        else:
+            self._add_selected(out_tokens, tokens, coeff, space)
+        return out
+
+    def _add_selected(
+        self, out: torch.Tensor, x: torch.Tensor, coeff: torch.Tensor, space: torch.Tensor
+    ) -> None:
+        """Evaluation: per space, compute only the components active for those inputs."""
+        high = space > 0.5
+        groups = [None] if bool(high.all()) or not bool(high.any()) else [~high, high]
+        for rows in groups:
+            c = coeff if rows is None else coeff[rows]
+            components = c.any(dim=0).nonzero()[:, 0]
+            if len(components) == 0:
+                continue
+            c = c.index_select(1, components)
+            if rows is None:
+                self._add_low_rank(out, x, c, components)
+            else:
+                sub = out[rows]
+                self._add_low_rank(sub, x[rows], c, components)
+                out[rows] = sub
+
+
+def effective_ranks(model: nn.Module, batch_size: int) -> dict[str, torch.Tensor]:
+    """Active components per image (mean over its attention inputs), per GaRA layer.
+
+    Call after a forward of ``batch_size`` images; returns {layer name: (batch_size,)}.
+    """
+    ranks = {}
+    for name, module in model.named_modules():
+        if isinstance(module, GaRALinear) and module.last_active is not None:
+            active = module.last_active.float()
+            if active.numel() % batch_size:
+                raise ValueError(
+                    f"{name}: {active.numel()} gate decisions do not split over {batch_size} images"
+                )
+            ranks[name] = active.view(batch_size, -1).mean(dim=1)
+    return ranks
