@@ -1,0 +1,1 @@
+"""Datasets (COCO instance segmentation + image folder), corruptions and the embedded sample."""

@@ -1,0 +1,84 @@
+"""The dataset format: a folder holding ``annotations.json`` (COCO instance segmentation,
+polygons or RLE) and the images it names, relative to the folder.
+
+This module is the one place that reads and writes that format; validation, loading,
+corruption and evaluation all go through it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from gara.fsutil import atomic_write_json
+
+ANNOTATIONS_FILE = "annotations.json"
+
+
+class DatasetFormatError(ValueError):
+    """The dataset folder or its annotation file is not in the expected format."""
+
+
+def annotations_path(root: str | Path) -> Path:
+    return Path(root) / ANNOTATIONS_FILE
+
+
+def read_coco(root: str | Path) -> dict[str, Any]:
+    """Read ``ROOT/annotations.json`` and check its top-level shape (not the masks)."""
+    path = annotations_path(root)
+    if not path.is_file():
+        raise DatasetFormatError(f"{path}: missing; a dataset folder needs {ANNOTATIONS_FILE}")
+    try:
+        coco = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DatasetFormatError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(coco, dict):
+        raise DatasetFormatError(f"{path}: top level must be an object, got {type(coco).__name__}")
+    for key in ("images", "annotations"):
+        if not isinstance(coco.get(key), list):
+            raise DatasetFormatError(f"{path}: key '{key}' must be a list")
+    coco.setdefault("categories", [])
+    return coco
+
+
+def write_coco(root: str | Path, coco: dict[str, Any]) -> Path:
+    """Write ``ROOT/annotations.json`` atomically."""
+    return atomic_write_json(annotations_path(root), coco)
+
+
+def annotation_mask(ann: dict[str, Any], height: int, width: int) -> np.ndarray:
+    """Decode one annotation's ``segmentation`` (polygons, RLE or compressed RLE) to a bool mask."""
+    seg = ann.get("segmentation")
+    if isinstance(seg, list):
+        if not seg:
+            return np.zeros((height, width), dtype=bool)
+        rles = mask_utils.frPyObjects(seg, height, width)
+        rle = mask_utils.merge(rles)
+    elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        rle = mask_utils.frPyObjects(seg, height, width) if isinstance(seg["counts"], list) else seg
+        if isinstance(rle.get("counts"), str):
+            rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+    else:
+        raise DatasetFormatError(
+            f"annotation {ann.get('id')}: 'segmentation' must be polygons or RLE, got {type(seg).__name__}"
+        )
+    return mask_utils.decode(rle).astype(bool)
+
+
+def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
+    """Encode a bool mask (H, W) as JSON-serialisable compressed RLE."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def mask_bbox(mask: np.ndarray) -> list[float]:
+    """Tight COCO box ``[x, y, w, h]`` of a bool mask (zeros for an empty mask)."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return [0.0, 0.0, 0.0, 0.0]
+    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    return [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
