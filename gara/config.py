@@ -7,7 +7,7 @@ Sections this module does not model yet are kept as plain dicts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -34,10 +34,76 @@ class ModelConfig(BaseModel):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
 
 
+class PromptConfig(BaseModel):
+    """How prompts are drawn from ground-truth masks (training and evaluation alike)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kinds: list[Literal["box", "point"]] = Field(default_factory=lambda: ["box", "point"])
+    n_points: int = Field(3, ge=1)  # positive points per instance for a point prompt
+    max_instances: int = Field(8, ge=1)  # instances per image per step (training)
+
+
+class MlflowConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Default: a local SQLite store at the repository root (made absolute at load time so
+    # Ray workers and DVC's temp copies write to the same place).
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "gara-sam"
+
+
+class TrainConfig(BaseModel):
+    """The ``train`` section (Ray Train + MLflow)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = "artifacts/corrupted/train"
+    val_data: str = "artifacts/corrupted/val"
+    out: str = "artifacts/adapter"
+    seed: int = 0
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(4, ge=1)  # images per worker per step
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    focal_weight: float = Field(20.0, ge=0)
+    dice_weight: float = Field(1.0, ge=0)
+    iou_weight: float = Field(1.0, ge=0)
+    prompts: PromptConfig = Field(default_factory=PromptConfig)
+    val_max_images: int = Field(16, ge=1)  # per-epoch validation subset (clean + corrupted)
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # applies on GPU only
+    ray_address: str | None = None  # None: start a local Ray on 127.0.0.1
+    storage_path: str = "artifacts/ray"  # local folder or s3:// URL for checkpoints
+    max_failures: int = Field(2, ge=0)
+    on_error: Literal["fail", "skip"] = "fail"  # bad samples: refuse the dataset, or skip + log
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+
+class EvaluateConfig(BaseModel):
+    """The ``evaluate`` section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = "artifacts/corrupted/val"
+    out: str = "reports/eval"
+    seed: int = 0
+    prompts: PromptConfig = Field(default_factory=PromptConfig)
+    max_images: int | None = Field(None, ge=1)  # source images (each with all its variants)
+    types: list[str] | None = None  # corruption subset (None = all present in the data)
+    severities: list[int] | None = None
+    overlay_images: int = Field(4, ge=0)
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
 
 def _describe(error: dict[str, Any]) -> str:

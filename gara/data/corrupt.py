@@ -38,13 +38,13 @@ from gara.data.coco import annotation_mask, mask_bbox, mask_to_rle, read_coco, w
 from gara.data.corruptions import (
     GENERATOR_VERSION,
     apply_corruption,
-    derive_seed,
     get_corruption,
     resolve_severities,
     resolve_types,
     single_threaded_cv2,
 )
 from gara.fsutil import atomic_write_bytes, atomic_write_json
+from gara.seeding import seeded_rng
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def plan_variants(
     """The clean copy plus the full grid, or N grid cells drawn without replacement from the seed."""
     grid = [(t, s) for t in types for s in severities]
     if variants_per_image is not None:
-        rng = np.random.default_rng(derive_seed("variants", key, seed))
+        rng = seeded_rng("variants", key, seed)
         picked = sorted(rng.choice(len(grid), size=variants_per_image, replace=False).tolist())
         grid = [grid[i] for i in picked]
     return ((CLEAN, 0), *grid)

@@ -21,12 +21,13 @@ Images are RGB ``uint8`` arrays of shape (H, W, 3). Masks are bool arrays of sha
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from gara.seeding import seeded_rng
 
 # Bump when any corruption's output changes, so the dataset generator's re-run records are
 # invalidated instead of silently reusing images made by older code.
@@ -161,14 +162,8 @@ LEVELS: dict[str, tuple[str, str, str, str, str]] = {
 # --- determinism helpers -----------------------------------------------------------------
 
 
-def derive_seed(*parts: object) -> int:
-    """A stable 64-bit seed from any printable parts (SHA-256; unlike ``hash()``, not salted)."""
-    text = "\x1f".join(str(p) for p in parts)
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
-
-
 def corruption_rng(key: str, name: str, severity: int, seed: int) -> np.random.Generator:
-    return np.random.default_rng(derive_seed("corruption", key, name, severity, seed))
+    return seeded_rng("corruption", key, name, severity, seed)
 
 
 @contextlib.contextmanager
