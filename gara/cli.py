@@ -184,6 +184,85 @@ def contact_sheet(
     typer.echo(f"wrote {path}")
 
 
+# --- evaluation commands -----------------------------------------------------------------
+@app.command("evaluate")
+def evaluate(
+    model: list[str] = typer.Option(
+        ..., "--model",
+        help="base | ADAPTER_DIR | models:/NAME@ALIAS | models:/NAME/VERSION | runs:/ID/PATH, "
+        "optionally NAME=SPEC; repeat to compare (the last one is the primary model).",
+    ),
+    data: str | None = typer.Option(None, help="Dataset folder (default: evaluate.data)."),
+    out: str | None = typer.Option(None, help="Report folder (default: evaluate.out)."),
+    params: Path | None = typer.Option(
+        None, help="Parameter file (evaluate + model sections); default params.yaml if present."
+    ),
+    max_images: int | None = typer.Option(None, min=1, help="Source images (each with its variants)."),
+    types: str | None = typer.Option(None, help="Comma-separated corruption types (default: all)."),
+    severities: str | None = typer.Option(None, help="Comma-separated, e.g. 1,3,5 (default: all)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """IoU / Dice per corruption x severity x prompt kind; metrics.json, report.md, plots."""
+    from gara.config import load_params
+    from gara.evaluate.report import format_summary, write_report
+    from gara.evaluate.runner import evaluate_models, resolve_models
+
+    overrides: dict = {"evaluate.data": data, "evaluate.out": out, "evaluate.max_images": max_images}
+    overrides["evaluate.types"] = None if types is None else _split_list(types)
+    overrides["evaluate.severities"] = None if severities is None else _split_list(severities)
+    if params is not None and not params.is_file():
+        raise FileNotFoundError(f"params file {params} does not exist")
+    loaded = load_params(params or "params.yaml", {k: v for k, v in overrides.items() if v is not None})
+    config = loaded.evaluate
+    models = resolve_models(model, loaded.model, loaded.train.mlflow.tracking_uri)
+    result = evaluate_models(models, config.data, config, progress=progress)
+    metrics = write_report(result, config.out)
+    typer.echo(format_summary(metrics))
+    typer.echo(
+        f"{config.out}: {len(result.images)} images x {len(models)} models in {result.seconds:.1f} s "
+        f"({result.seconds / max(1, len(result.images)):.2f} s/image); primary {result.primary}"
+    )
+
+
+# --- training commands -------------------------------------------------------------------
+def _parse_sets(items: list[str]) -> dict:
+    """``key=value`` pairs; values are YAML scalars (3e-4 -> float, true -> bool, null -> None)."""
+    import yaml
+
+    overrides: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected dotted.key=value, e.g. train.lr=3e-4")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--set {item!r}: value is not a YAML scalar: {exc}") from None
+    return overrides
+
+
+@app.command("train")
+def train_command(
+    params: Path = typer.Option(Path("params.yaml"), help="Parameter file (model + train sections)."),
+    set_: list[str] = typer.Option([], "--set", help="Override, e.g. --set train.lr=3e-4 (repeatable)."),
+    workers: int | None = typer.Option(None, min=1, help="Ray workers (train.num_workers)."),
+    epochs: int | None = typer.Option(None, min=1, help="Epochs (train.epochs)."),
+    out: Path | None = typer.Option(None, help="Adapter output folder (train.out)."),
+) -> None:
+    """Train adapters on the frozen base with Ray Train; track the run in MLflow."""
+    from gara.config import load_params
+    from gara.train.launcher import redact_uri, train
+
+    overrides = _parse_sets(set_)
+    for key, value in (("train.num_workers", workers), ("train.epochs", epochs), ("train.out", out)):
+        if value is not None:
+            overrides[key] = str(value) if isinstance(value, Path) else value
+    loaded = load_params(params, overrides)
+    result = train(loaded)
+    typer.echo(f"adapter: {result.adapter_dir}")
+    typer.echo(f"mlflow run: {result.run_id} ({redact_uri(loaded.train.mlflow.tracking_uri)})")
+
+
 def main() -> None:
     """Entry point: user errors print one clear line (exit 2), not a stack trace."""
     import logging

@@ -75,11 +75,17 @@ class TrainConfig(BaseModel):
     val_max_images: int = Field(16, ge=1)  # per-epoch validation subset (clean + corrupted)
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
-    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"  # applies on GPU only
+    # Autocast where the hardware runs it natively: GPUs, and bf16 on CPUs with AVX512-BF16/AMX
+    # (gara/precision.py); float32 elsewhere.
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     ray_address: str | None = None  # None: start a local Ray on 127.0.0.1
     storage_path: str = "artifacts/ray"  # local folder or s3:// URL for checkpoints
     max_failures: int = Field(2, ge=0)
     on_error: Literal["fail", "skip"] = "fail"  # bad samples: refuse the dataset, or skip + log
+    log_every_n_steps: int = Field(1, ge=1)  # per-step metrics (MLflow) and console progress
+    checkpoints_to_keep: int = Field(2, ge=1)  # Ray keeps the latest N epoch checkpoints
+    loader_workers: int = Field(0, ge=0)  # DataLoader processes per Ray worker (0: in-process)
+    object_store_mb: int = Field(256, ge=64)  # object store of a local Ray cluster we start
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
 
@@ -96,6 +102,9 @@ class EvaluateConfig(BaseModel):
     types: list[str] | None = None  # corruption subset (None = all present in the data)
     severities: list[int] | None = None
     overlay_images: int = Field(4, ge=0)
+    # As train.mixed_precision: bf16 autocast where native (halves LiteMedSAM's CPU time).
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    batch_size: int = Field(4, ge=1)  # images per encoder forward (every model shares the batch)
 
 
 class Params(BaseModel):

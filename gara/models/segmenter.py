@@ -174,4 +174,4 @@ class Segmenter(nn.Module):
         batch, metas = self.preprocess([image])
         out = self(batch, [self.prompts_to_input(prompts, metas[0])])
         logits = self.masks_at_input_resolution(out, metas)[0]
-        return (logits > 0).cpu().numpy(), out.iou_predictions[0][:, 0].cpu().numpy()
+        return (logits > 0).cpu().numpy(), out.iou_predictions[0][:, 0].float().cpu().numpy()

@@ -1,0 +1,1 @@
+"""Evaluation: IoU / Dice per corruption x severity x prompt kind, and the report."""

@@ -1,0 +1,404 @@
+"""The evaluation report: metrics.json (a contract), report.md, plots and per-instance records.
+
+Definitions (every number on 0-100):
+
+- per group, WeSAM's metric: per-instance IoU / Dice averaged within each image, then over
+  the group's images (:func:`gara.evaluate.metrics.mean_over_images`);
+- **Clear** = that metric over the clean images (severity 0, untagged images included);
+- **Degrade** = the mean over corruption types of each type's metric, where a type's
+  metric pools all its selected severities (so every type weighs the same, as in the
+  paper's "mean over the 15 corruptions").
+
+``metrics.json`` layout (numbers at the leaves, for ``dvc metrics show``)::
+
+    primary, dataset, prompts{kinds, n_points, seed}, images{...counts}, corruption_types, severities
+    summary{clear|degrade}{box|point}{iou, dice}     for the primary (last) model
+    summary.effective_rank{all, clear, degrade}      GaRA models only
+    table[corruption][severity][kind]{iou, dice, n_images, n_instances}   ("clean" -> "0")
+    models[name]{summary, table}                     every model compared
+
+A value that cannot be computed (no corrupted image, a prompt kind not evaluated) is null.
+The definitions themselves are written in report.md, not in metrics.json (``dvc metrics
+show`` would print them as columns).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gara.data.corrupt import CLEAN
+from gara.data.corruptions import CORRUPTION_NAMES
+from gara.data.prompts import PROMPT_KINDS
+from gara.evaluate.metrics import mean_over_images
+from gara.evaluate.runner import EvaluationResult, Overlay
+from gara.fsutil import atomic_write, atomic_write_json, atomic_write_text
+
+METRICS = ("iou", "dice")
+LABELS = {"iou": "IoU", "dice": "Dice"}
+DEFINITIONS = {
+    "metric": "per-instance IoU / Dice (0-100), averaged within each image, then over images",
+    "clear": "the metric over clean images (severity 0; untagged images count as clean)",
+    "degrade": "mean over corruption types of each type's metric (all selected severities pooled)",
+}
+
+
+def _num(value: Any) -> float | None:
+    """JSON-safe number: NaN / missing -> None, else rounded to 4 decimals."""
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else round(value, 4)
+
+
+def type_order(types: Sequence[str]) -> list[str]:
+    """Corruption types in protocol order (the registry's), unknown ones after, sorted."""
+    known = [t for t in CORRUPTION_NAMES if t in types]
+    return known + sorted(t for t in set(types) if t not in CORRUPTION_NAMES)
+
+
+# --- numbers -----------------------------------------------------------------------------
+
+
+def _split(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    clean = frame["corruption"] == CLEAN
+    return frame[clean], frame[~clean]
+
+
+def _clear_degrade(frame: pd.DataFrame, values: Sequence[str]) -> dict[str, dict[str, float | None]]:
+    clean, corrupted = _split(frame)
+    out: dict[str, dict[str, float | None]] = {}
+    if len(clean):
+        row = mean_over_images(clean, values).iloc[0]
+        out["clear"] = {v: _num(row[v]) for v in values}
+    else:
+        out["clear"] = {v: None for v in values}
+    if len(corrupted):
+        per_type = mean_over_images(corrupted, values, by=["corruption"])
+        out["degrade"] = {v: _num(per_type[v].mean()) for v in values}
+    else:
+        out["degrade"] = {v: None for v in values}
+    return out
+
+
+def summarize_model(records: pd.DataFrame, model: str) -> dict[str, Any]:
+    """``{"summary": ..., "table": ...}`` for one model's records (see the module docstring)."""
+    frame = records[records["model"] == model]
+    summary: dict[str, Any] = {"clear": {}, "degrade": {}}
+    for kind in PROMPT_KINDS:
+        split = _clear_degrade(frame[frame["kind"] == kind], METRICS)
+        for part in ("clear", "degrade"):
+            summary[part][kind] = split[part]
+    # One effective rank per image (repeated on every instance and prompt kind of it).
+    ranks = frame.drop_duplicates("image_id")
+    if len(ranks) and ranks["effective_rank"].notna().any():
+        split = _clear_degrade(ranks, ["effective_rank"])
+        summary["effective_rank"] = {
+            "all": _num(ranks["effective_rank"].mean()),
+            "clear": split["clear"]["effective_rank"],
+            "degrade": split["degrade"]["effective_rank"],
+        }
+    table: dict[str, dict[str, dict[str, dict[str, float | int | None]]]] = {}
+    if len(frame):
+        rows = mean_over_images(frame, METRICS, by=["corruption", "severity", "kind"])
+        for r in rows.itertuples(index=False):
+            cell = table.setdefault(str(r.corruption), {}).setdefault(str(int(r.severity)), {})
+            cell[str(r.kind)] = {
+                "iou": _num(r.iou), "dice": _num(r.dice),
+                "n_images": int(r.n_images), "n_instances": int(r.n_instances),
+            }
+    return {"summary": summary, "table": table}
+
+
+def build_metrics(result: EvaluationResult) -> dict[str, Any]:
+    """The ``metrics.json`` document (pure: no files touched)."""
+    models = {name: summarize_model(result.records, name) for name in result.models}
+    images = result.images
+    return {
+        "primary": result.primary,
+        "dataset": result.dataset,
+        "prompts": {"kinds": list(result.kinds), "n_points": result.n_points, "seed": result.seed},
+        "images": {
+            "evaluated": len(images),
+            "source_images": len({i.source_image_id for i in images}),
+            "clean": sum(i.is_clean for i in images),
+            "corrupted": sum(not i.is_clean for i in images),
+            "skipped_without_instances": len(result.skipped),
+            "instances": int(len(result.records.drop_duplicates(["image_id", "ann_id"]))),
+        },
+        "corruption_types": type_order([i.corruption for i in images if not i.is_clean]),
+        "severities": sorted({i.severity for i in images if not i.is_clean}),
+        "summary": models[result.primary]["summary"],
+        "table": models[result.primary]["table"],
+        "models": models,
+    }
+
+
+# --- text --------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def summary_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the model comparison (one row per model)."""
+    header = ["model"]
+    for metric in METRICS:
+        for kind in PROMPT_KINDS:
+            header += [f"{kind} {LABELS[metric]} clear", f"{kind} {LABELS[metric]} degrade"]
+    header.append("eff. rank")
+    rows = []
+    for name, doc in metrics["models"].items():
+        s = doc["summary"]
+        row = [name + (" (primary)" if name == metrics["primary"] else "")]
+        for metric in METRICS:
+            for kind in PROMPT_KINDS:
+                row += [_fmt(s["clear"][kind][metric]), _fmt(s["degrade"][kind][metric])]
+        row.append(_fmt(s["effective_rank"]["all"]) if "effective_rank" in s else "-")
+        rows.append(row)
+    return header, rows
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def format_summary(metrics: dict[str, Any]) -> str:
+    """The model comparison as an aligned plain-text table (for the terminal)."""
+    header, rows = summary_rows(metrics)
+    widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=True)]
+    lines = []
+    for row in [header, *rows]:
+        pairs = enumerate(zip(row, widths, strict=True))
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def _type_cell(table: dict[str, Any], corruption: str, severity: str, kind: str) -> float | None:
+    """IoU of one (type, severity, kind) cell of a model's table; None where not evaluated."""
+    return table.get(corruption, {}).get(severity, {}).get(kind, {}).get("iou")
+
+
+def _type_means(records: pd.DataFrame, model: str, kind: str) -> dict[str, float | None]:
+    mine = (records["model"] == model) & (records["kind"] == kind)
+    frame = records[mine & (records["corruption"] != CLEAN)]
+    if not len(frame):
+        return {}
+    rows = mean_over_images(frame, ["iou"], by=["corruption"])
+    return {str(r.corruption): _num(r.iou) for r in rows.itertuples(index=False)}
+
+
+def render_markdown(metrics: dict[str, Any], result: EvaluationResult) -> str:
+    kind = "box" if "box" in result.kinds else result.kinds[0]
+    types: list[str] = metrics["corruption_types"]
+    severities = [str(s) for s in metrics["severities"]]
+    names = list(metrics["models"])
+    n = metrics["images"]
+    out = io.StringIO()
+    out.write("# Evaluation report\n\n")
+    out.write(
+        f"Dataset `{metrics['dataset']}`: {n['evaluated']} images ({n['source_images']} source images, "
+        f"{n['clean']} clean, {n['corrupted']} corrupted), {n['instances']} instances; "
+        f"{n['skipped_without_instances']} images without instances left out. Prompts: "
+        f"{', '.join(result.kinds)} ({result.n_points} positive points), seed {result.seed}. "
+        f"Primary model: **{metrics['primary']}**.\n\n"
+    )
+    out.write("Metric: " + DEFINITIONS["metric"] + ". Clear: " + DEFINITIONS["clear"] + ". Degrade: "
+              + DEFINITIONS["degrade"] + ".\n\n")
+    out.write("## Models\n\n")
+    out.write(_markdown_table(*summary_rows(metrics)))
+    if types:
+        out.write(f"\n## Per corruption type ({kind} IoU, severities pooled)\n\n")
+        means = {name: _type_means(result.records, name, kind) for name in names}
+        header = ["type", *names]
+        if len(names) > 1:
+            header.append(f"Δ {names[-1]} - {names[0]}")
+        rows = []
+        clean_row = ["clean"] + [_fmt(metrics["models"][m]["summary"]["clear"][kind]["iou"]) for m in names]
+        if len(names) > 1:
+            a, b = (metrics["models"][m]["summary"]["clear"][kind]["iou"] for m in (names[0], names[-1]))
+            clean_row.append("-" if a is None or b is None else f"{b - a:+.1f}")
+        rows.append(clean_row)
+        for t in types:
+            row = [t] + [_fmt(means[m].get(t)) for m in names]
+            if len(names) > 1:
+                a, b = means[names[0]].get(t), means[names[-1]].get(t)
+                row.append("-" if a is None or b is None else f"{b - a:+.1f}")
+            rows.append(row)
+        out.write(_markdown_table(header, rows))
+        for name in names:
+            table = metrics["models"][name]["table"]
+            out.write(f"\n### {name}: {kind} IoU by type and severity (clean = severity 0)\n\n")
+            clean_iou = _type_cell(table, CLEAN, "0", kind)
+            rows = [
+                [t, _fmt(clean_iou)] + [_fmt(_type_cell(table, t, s, kind)) for s in severities]
+                + [_fmt(means[name].get(t))]
+                for t in types
+            ]
+            out.write(_markdown_table(["type", "0", *severities, "mean"], rows))
+    gara = [m for m in names if "effective_rank" in metrics["models"][m]["summary"]]
+    if gara:
+        out.write("\n## GaRA effective rank (active components per adapted layer, mean over images)\n\n")
+        rows = []
+        for m in gara:
+            r = metrics["models"][m]["summary"]["effective_rank"]
+            rows.append([m, _fmt(r["all"]), _fmt(r["clear"]), _fmt(r["degrade"])])
+        out.write(_markdown_table(["model", "all", "clear", "degrade"], rows))
+    out.write("\nPlots: `plots/iou_vs_severity.png` (data `plots/iou_vs_severity.csv`), "
+              "`plots/overlays.png`. Per-instance values: `records.csv`.\n")
+    return out.getvalue()
+
+
+# --- plots -------------------------------------------------------------------------------
+
+
+def severity_curves(metrics: dict[str, Any], kind: str = "box") -> pd.DataFrame:
+    """model, corruption, severity, iou, dice for every type; severity 0 = the clean value
+    (repeated per type so each curve starts from clean)."""
+    rows = []
+    types = metrics["corruption_types"] or [CLEAN]
+    for name, doc in metrics["models"].items():
+        table = doc["table"]
+        clean = table.get(CLEAN, {}).get("0", {}).get(kind)
+        for t in types:
+            if clean is not None:
+                rows.append({"model": name, "corruption": t, "severity": 0, "iou": clean["iou"],
+                             "dice": clean["dice"]})
+            if t == CLEAN:
+                continue
+            for sev, cells in sorted(table.get(t, {}).items(), key=lambda kv: int(kv[0])):
+                if kind in cells:
+                    rows.append({"model": name, "corruption": t, "severity": int(sev),
+                                 "iou": cells[kind]["iou"], "dice": cells[kind]["dice"]})
+    return pd.DataFrame(rows, columns=["model", "corruption", "severity", "iou", "dice"])
+
+
+def _save_figure(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+
+
+def plot_severity(curves: pd.DataFrame, models: Sequence[str], path: Path, kind: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    types = list(dict.fromkeys(curves["corruption"])) or [CLEAN]
+    ncols = min(6, len(types))
+    nrows = math.ceil(len(types) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.2 * nrows + 0.6), squeeze=False,
+                             sharex=True, sharey=True)
+    for ax, t in zip(axes.flat, types, strict=False):
+        sub = curves[curves["corruption"] == t]
+        for name in models:
+            line = sub[sub["model"] == name].sort_values("severity")
+            ax.plot(line["severity"], line["iou"], marker="o", markersize=3, label=name)
+        ax.set_title(t, fontsize=9)
+        ax.set_ylim(0, 100)
+        ax.set_xticks(range(0, 6))
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(types):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(f"{kind} IoU")
+    for ax in axes[-1, :]:
+        ax.set_xlabel("severity (0 = clean)")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=max(1, len(models)), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.2 * nrows + 0.6)))
+    return _save_figure(fig, path)
+
+
+_COLORS = np.array([
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207), (127, 127, 127),
+], dtype=np.float32)
+
+
+def blend_masks(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Colour each instance mask over the image (instance k in colour k)."""
+    out = image.astype(np.float32).copy()
+    for k, m in enumerate(masks):
+        out[m] = (1 - alpha) * out[m] + alpha * _COLORS[k % len(_COLORS)]
+    return out.astype(np.uint8)
+
+
+def _draw_prompts(ax: Any, overlay: Overlay) -> None:
+    from matplotlib.patches import Rectangle
+
+    p = overlay.prompts
+    for k in range(len(p)):
+        color = _COLORS[k % len(_COLORS)] / 255
+        if p.boxes is not None:
+            x0, y0, x1, y1 = p.boxes[k].tolist()
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.2))
+        if p.points is not None:
+            pts = p.points[k].numpy()
+            ax.scatter(pts[:, 0], pts[:, 1], s=14, color=color, edgecolors="white", linewidths=0.6)
+
+
+def plot_overlays(overlays: Sequence[Overlay], models: Sequence[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gara.evaluate.metrics import instance_scores
+
+    rows = max(1, len(overlays))
+    cols = 1 + len(models)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.6 * rows), squeeze=False)
+    if not overlays:
+        axes[0, 0].text(0.5, 0.5, "no overlay images (evaluate.overlay_images = 0)", ha="center")
+    for r, ov in enumerate(overlays):
+        label = CLEAN if ov.info.is_clean else f"{ov.info.corruption} s{ov.info.severity}"
+        panels = [("ground truth", ov.gt)] + [(m, ov.predictions.get(m)) for m in models]
+        for c, (title, masks) in enumerate(panels):
+            ax = axes[r, c]
+            ax.axis("off")
+            if masks is None:
+                continue
+            ax.imshow(blend_masks(ov.image, masks))
+            _draw_prompts(ax, ov)
+            if c:
+                iou = float(np.mean(instance_scores(masks, ov.gt)[0]))
+                title = f"{title}: IoU {iou:.1f}"
+            ax.set_title(title, fontsize=8)
+        axes[r, 0].text(-0.04, 0.5, f"image {ov.info.source_image_id}\n{label}", rotation=90,
+                        transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+# --- everything --------------------------------------------------------------------------
+
+
+def write_report(result: EvaluationResult, out: str | Path) -> dict[str, Any]:
+    """Write metrics.json, report.md, records.csv and plots/ into ``out``; return the metrics."""
+    out = Path(out)
+    metrics = build_metrics(result)
+    kind = "box" if "box" in result.kinds else result.kinds[0]
+    curves = severity_curves(metrics, kind)
+    atomic_write(out / "records.csv", lambda tmp: result.records.to_csv(tmp, index=False))
+    atomic_write(out / "plots" / "iou_vs_severity.csv",
+                 lambda tmp: curves[["model", "corruption", "severity", "iou"]].to_csv(tmp, index=False))
+    plot_severity(curves, result.models, out / "plots" / "iou_vs_severity.png", kind)
+    plot_overlays(result.overlays, result.models, out / "plots" / "overlays.png")
+    atomic_write_text(out / "report.md", render_markdown(metrics, result))
+    atomic_write_json(out / "metrics.json", metrics)  # last: its presence means a complete report
+    return metrics

@@ -1,0 +1,456 @@
+"""Evaluate named segmenters on a dataset folder: per-instance IoU / Dice for each prompt kind.
+
+Works on any dataset folder in the project's format. Images tagged by ``gara corrupt``
+carry ``corruption`` / ``severity`` / ``source_image_id``; an untagged image counts as clean
+(its own source, severity 0).
+
+Per batch of images: prompts are drawn ONCE per image and prompt kind from the ground
+truth (:func:`gara.data.prompts.prompts_from_masks`, seeded by the source annotation id)
+and the very same objects go to every model; each model encodes the batch once and
+decodes every prompt kind from those embeddings. A model that altered the prompts it was
+given (in place) is caught before the next model sees them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from gara import precision
+from gara.config import EvaluateConfig, ModelConfig
+from gara.data.coco import read_coco
+from gara.data.corrupt import CLEAN
+from gara.data.dataset import InstanceDataset, Sample
+from gara.data.prompts import PromptKind, prompts_from_masks
+from gara.evaluate.metrics import instance_scores
+from gara.models.adapter_io import CONFIG_FILE, load_adapted_segmenter, read_manifest
+from gara.models.adapters.gara import GaRALinear, effective_ranks
+from gara.models.factory import build_segmenter
+from gara.models.segmenter import Prompts, Segmenter
+from gara.seeding import seeded_rng
+from gara.tracking import effective_tracking_uri, redact_uri
+
+log = logging.getLogger(__name__)
+
+RECORD_COLUMNS = [
+    "model", "image_id", "source_image_id", "corruption", "severity", "kind",
+    "ann_id", "source_ann_id", "iou", "dice", "predicted_iou", "effective_rank",
+]
+MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+class ModelSpecError(ValueError):
+    """A ``--model`` spec names nothing loadable; the message names the spec."""
+
+
+# --- which images ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """One dataset image and its corruption tags (untagged = clean, severity 0)."""
+
+    index: int  # position in the InstanceDataset
+    image_id: int
+    source_image_id: int
+    corruption: str
+    severity: int
+
+    @property
+    def is_clean(self) -> bool:
+        return self.corruption == CLEAN
+
+
+def image_infos(dataset: InstanceDataset, coco: dict[str, Any]) -> list[ImageInfo]:
+    """Tags of every loadable image of ``dataset`` (``coco``: its annotations.json)."""
+    entries = {e["id"]: e for e in coco["images"] if isinstance(e, dict) and "id" in e}
+    infos = []
+    for index, image_id in enumerate(dataset.image_ids):
+        entry = entries[image_id]
+        corruption = str(entry.get("corruption") or CLEAN)
+        severity = entry.get("severity", 0 if corruption == CLEAN else None)
+        if not isinstance(severity, int) or isinstance(severity, bool):
+            raise ValueError(
+                f"{dataset.root / 'annotations.json'}: image {image_id} has corruption "
+                f"{corruption!r} but severity {severity!r}; expected an integer"
+            )
+        source = entry.get("source_image_id", image_id)
+        infos.append(ImageInfo(index, int(image_id), int(source), corruption, int(severity)))
+    return infos
+
+
+def select_images(
+    infos: Sequence[ImageInfo],
+    max_images: int | None = None,
+    types: Sequence[str] | None = None,
+    severities: Sequence[int] | None = None,
+    seed: int = 0,
+    where: str = "dataset",
+) -> list[ImageInfo]:
+    """Subset by corruption type and severity, then by source image.
+
+    Clean images are always kept (they give the Clear column); ``types`` / ``severities``
+    filter the corrupted variants and must exist in the data. ``max_images`` counts source
+    images, each kept with all its selected variants; the choice is drawn from ``seed``
+    (deterministic, and spread over the dataset rather than its first files).
+    """
+    present_types = sorted({i.corruption for i in infos if not i.is_clean})
+    present_sev = sorted({i.severity for i in infos if not i.is_clean})
+    if types is not None:
+        missing = [t for t in types if t not in present_types and t != CLEAN]
+        if missing:
+            raise ValueError(
+                f"evaluate.types: {missing} not in {where} (its corruption types: "
+                f"{present_types or 'none, every image is clean'})"
+            )
+    if severities is not None:
+        missing_sev = [s for s in severities if s not in present_sev]
+        if missing_sev:
+            raise ValueError(
+                f"evaluate.severities: {missing_sev} not in {where} (its severities: "
+                f"{present_sev or 'none, every image is clean'})"
+            )
+    kept = [
+        i for i in infos
+        if i.is_clean or (
+            (types is None or i.corruption in types) and (severities is None or i.severity in severities)
+        )
+    ]
+    sources = sorted({i.source_image_id for i in kept})
+    if max_images is not None and max_images < len(sources):
+        rng = seeded_rng("evaluate-images", seed)
+        chosen = set(rng.choice(sources, size=max_images, replace=False).tolist())
+        kept = [i for i in kept if i.source_image_id in chosen]
+    # Variants of one source side by side: the overlay rows and progress read naturally.
+    return sorted(
+        kept, key=lambda i: (i.source_image_id, not i.is_clean, i.corruption, i.severity, i.image_id)
+    )
+
+
+def overlay_choice(images: Sequence[ImageInfo], n_sources: int) -> list[ImageInfo]:
+    """Images for the overlay grid: for the first ``n_sources`` sources, the clean image and
+    one corrupted variant (types taken in turn, the highest selected severity)."""
+    by_source: dict[int, list[ImageInfo]] = {}
+    for info in images:
+        by_source.setdefault(info.source_image_id, []).append(info)
+    types = sorted({i.corruption for i in images if not i.is_clean})
+    chosen: list[ImageInfo] = []
+    for n, source in enumerate(sorted(by_source)[:n_sources]):
+        variants = by_source[source]
+        chosen += [i for i in variants if i.is_clean][:1]
+        if types:
+            wanted = types[n % len(types)]
+            pool = [i for i in variants if i.corruption == wanted] or [i for i in variants if not i.is_clean]
+            if pool:
+                chosen.append(max(pool, key=lambda i: (i.severity, i.image_id)))
+    return chosen
+
+
+# --- models ------------------------------------------------------------------------------
+
+_NAMED = re.compile(r"^([A-Za-z0-9_.@+-]+)=(.+)$")
+
+
+def parse_model_spec(spec: str) -> tuple[str | None, str]:
+    """``name=target`` -> (name, target); a bare target -> (None, target)."""
+    match = _NAMED.match(spec.strip())
+    if match:
+        return match.group(1), match.group(2)
+    return None, spec.strip()
+
+
+def find_adapter_dir(root: Path, spec: str) -> Path:
+    """The one folder under ``root`` (itself included) that holds adapter.json."""
+    found = sorted({p.parent for p in root.rglob(CONFIG_FILE)}, key=lambda p: (len(p.parts), str(p)))
+    if not found:
+        raise ModelSpecError(f"--model {spec!r}: no {CONFIG_FILE} anywhere under {root}; not an adapter")
+    if len(found) > 1:
+        listed = ", ".join(str(p.relative_to(root)) for p in found[:5])
+        raise ModelSpecError(f"--model {spec!r}: several adapters under {root} ({listed}); name one folder")
+    return found[0]
+
+
+def _load_adapter(folder: Path, model_config: ModelConfig) -> Segmenter:
+    manifest = read_manifest(folder)
+    # The configured base wins where it is the same backbone (a checkpoint path recorded on
+    # another machine may not exist here); the manifest's sha256 still has to match.
+    same = manifest.backbone == model_config.backbone
+    checkpoint = model_config.checkpoint if same else None
+    return load_adapted_segmenter(folder, checkpoint=checkpoint, s3_endpoint_url=model_config.s3_endpoint_url)
+
+
+def _download_mlflow(uri: str, spec: str, dst: Path, tracking_uri: str | None) -> Path:
+    import mlflow  # lazy: heavy, and only this branch needs it
+    from mlflow.exceptions import MlflowException
+
+    uri_to_use = effective_tracking_uri(tracking_uri)
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(dst), tracking_uri=uri_to_use, registry_uri=uri_to_use,
+        )
+    except MlflowException as exc:
+        where = redact_uri(uri_to_use)
+        raise ModelSpecError(f"--model {spec!r}: MLflow ({where}) cannot give {uri}: {exc}") from exc
+    return Path(local)
+
+
+def resolve_model(
+    spec: str, model_config: ModelConfig, tracking_uri: str | None = None
+) -> tuple[str, Segmenter]:
+    """A ``--model`` spec -> (report name, segmenter in eval mode).
+
+    ``base``: the frozen backbone of ``model_config`` (no adapter); a path: an adapter folder
+    (or a folder holding exactly one); ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
+    ``runs:/ID/PATH``: MLflow artifacts (tracking URI: ``MLFLOW_TRACKING_URI``, else
+    ``tracking_uri``) searched for the folder with adapter.json. ``name=...`` names it.
+    """
+    name, target = parse_model_spec(spec)
+    if not target:
+        raise ModelSpecError(f"--model {spec!r}: empty model spec")
+    if target == "base":
+        segmenter = build_segmenter(model_config, with_adapter=False)
+        default = "base"
+    elif target.startswith(MLFLOW_SCHEMES):
+        with tempfile.TemporaryDirectory(prefix="gara-eval-model-") as tmp:
+            local = _download_mlflow(target, spec, Path(tmp), tracking_uri)
+            # Weights are read into memory here, so the download can go right after.
+            segmenter = _load_adapter(find_adapter_dir(local, spec), model_config)
+        default = target.split(":/", 1)[1].strip("/")
+        if target.startswith("runs:/"):
+            default = f"run-{default.split('/')[0][:8]}"
+    elif "://" in target:
+        raise ModelSpecError(
+            f"--model {spec!r}: unsupported URI; use base, an adapter folder, models:/NAME@ALIAS, "
+            "models:/NAME/VERSION or runs:/RUN_ID/PATH"
+        )
+    else:
+        path = Path(target)
+        if not path.exists():
+            raise ModelSpecError(
+                f"--model {spec!r}: {path} does not exist (expected 'base', an adapter folder, "
+                "or an MLflow URI models:/NAME@ALIAS, models:/NAME/VERSION, runs:/...)"
+            )
+        folder = path.parent if path.is_file() and path.name == CONFIG_FILE else path
+        if not folder.is_dir():
+            raise ModelSpecError(f"--model {spec!r}: {path} is a file, not an adapter folder")
+        segmenter = _load_adapter(find_adapter_dir(folder, spec), model_config)
+        default = path.resolve().name if path.is_dir() else path.resolve().parent.name
+    segmenter.eval()
+    return name or default, segmenter
+
+
+def resolve_models(
+    specs: Sequence[str], model_config: ModelConfig, tracking_uri: str | None = None
+) -> dict[str, Segmenter]:
+    """Several specs -> {name: segmenter}, in the given order (the last one is primary)."""
+    if not specs:
+        raise ModelSpecError("give at least one --model (base, an adapter folder, or models:/...)")
+    models: dict[str, Segmenter] = {}
+    for spec in specs:
+        name, segmenter = resolve_model(spec, model_config, tracking_uri)
+        if name in models:
+            raise ModelSpecError(f"--model {spec!r}: the name {name!r} is already taken; use NAME=SPEC")
+        models[name] = segmenter
+    return models
+
+
+# --- evaluation --------------------------------------------------------------------------
+
+
+@dataclass
+class Overlay:
+    """What the overlay grid shows for one image: GT, the prompts, each model's masks."""
+
+    info: ImageInfo
+    image: np.ndarray
+    gt: np.ndarray  # (K, H, W) bool
+    kind: str
+    prompts: Prompts
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)  # model -> (K, H, W) bool
+
+
+@dataclass
+class EvaluationResult:
+    records: pd.DataFrame  # one row per (model, image, instance, prompt kind): RECORD_COLUMNS
+    models: list[str]  # in the order given; the last is the primary (candidate) model
+    dataset: str
+    kinds: list[str]
+    n_points: int
+    seed: int
+    images: list[ImageInfo]  # evaluated (selected, with at least one instance)
+    skipped: list[ImageInfo]  # selected but without instances: nothing to prompt
+    prompts: dict[int, dict[str, Prompts]]  # image id -> kind -> the prompts every model got
+    overlays: list[Overlay]
+    seconds: float
+    gara_models: list[str] = field(default_factory=list)
+
+    @property
+    def primary(self) -> str:
+        return self.models[-1]
+
+
+def _fingerprint(prompts: Prompts) -> str:
+    digest = hashlib.sha256()
+    for t in (prompts.boxes, prompts.points, prompts.labels):
+        digest.update(b"-" if t is None else t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def has_gara(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, GaRALinear) for m in model.modules())
+
+
+def _chunks(items: Sequence[ImageInfo], size: int) -> Iterator[list[ImageInfo]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+@torch.no_grad()
+def evaluate_models(
+    models: Mapping[str, Segmenter],
+    data: str | Path,
+    config: EvaluateConfig,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Every model on the selected images of ``data`` (see the module docstring)."""
+    if not models:
+        raise ValueError("evaluate: no models given")
+    start = time.perf_counter()
+    data = Path(data)
+    dataset = InstanceDataset(data)
+    coco = read_coco(data)
+    source_ann = {
+        a["id"]: a.get("source_annotation_id", a["id"]) for a in coco["annotations"] if isinstance(a, dict)
+    }
+    selected = select_images(
+        image_infos(dataset, coco), config.max_images, config.types, config.severities, config.seed, str(data)
+    )
+    if not selected:
+        raise ValueError(f"evaluate: no images selected from {data}")
+    kinds: list[PromptKind] = list(dict.fromkeys(config.prompts.kinds))
+    overlay_kind = "box" if "box" in kinds else kinds[0]
+    overlay_ids = {i.image_id for i in overlay_choice(selected, config.overlay_images)}
+    gara_models = [name for name, m in models.items() if has_gara(m)]
+    for model in models.values():
+        model.eval()
+
+    records: list[dict[str, Any]] = []
+    prompts: dict[int, dict[str, Prompts]] = {}
+    overlays: dict[int, Overlay] = {}
+    evaluated: list[ImageInfo] = []
+    skipped: list[ImageInfo] = []
+    bar = tqdm(total=len(selected), desc="evaluate", unit="img", disable=not progress)
+    try:
+        for chunk in _chunks(selected, config.batch_size):
+            batch: list[tuple[ImageInfo, Sample, list[Any]]] = []
+            for info in chunk:
+                sample = dataset[info.index]
+                if len(sample["masks"]) == 0:
+                    skipped.append(info)
+                    continue
+                # Seeded by the source annotation: an instance gets the same points in every variant.
+                keys = [source_ann[int(a)] for a in sample["ann_ids"]]
+                batch.append((info, sample, keys))
+            for info, sample, keys in batch:
+                prompts[info.image_id] = {
+                    k: prompts_from_masks(sample["masks"], k, config.prompts.n_points, config.seed, keys)
+                    for k in kinds
+                }
+                if info.image_id in overlay_ids:
+                    shown = prompts[info.image_id][overlay_kind]
+                    overlays[info.image_id] = Overlay(
+                        info, sample["image"], sample["masks"], overlay_kind, shown
+                    )
+            if batch:
+                records += _evaluate_batch(
+                    models, batch, prompts, kinds, overlays, gara_models, config.mixed_precision
+                )
+                evaluated += [info for info, _, _ in batch]
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    for info in skipped:
+        log.warning("image %s (%s s%s) has no instances: nothing to prompt, left out",
+                    info.image_id, info.corruption, info.severity)
+    frame = pd.DataFrame.from_records(records, columns=RECORD_COLUMNS)
+    return EvaluationResult(
+        records=frame, models=list(models), dataset=str(data), kinds=list(kinds),
+        n_points=config.prompts.n_points, seed=config.seed, images=evaluated, skipped=skipped,
+        prompts=prompts, overlays=[overlays[i.image_id] for i in selected if i.image_id in overlays],
+        seconds=time.perf_counter() - start, gara_models=gara_models,
+    )
+
+
+def _evaluate_batch(
+    models: Mapping[str, Segmenter],
+    batch: list[tuple[ImageInfo, Sample, list[Any]]],
+    prompts: dict[int, dict[str, Prompts]],
+    kinds: Sequence[str],
+    overlays: dict[int, Overlay],
+    gara_models: Sequence[str],
+    mixed_precision: precision.MixedPrecision = "no",
+) -> list[dict[str, Any]]:
+    images = [sample["image"] for _, sample, _ in batch]
+    given = {k: [prompts[info.image_id][k] for info, _, _ in batch] for k in kinds}
+    expected = {k: [_fingerprint(p) for p in given[k]] for k in kinds}
+    preprocessed: dict[Any, Any] = {}  # models sharing a transform share the preprocessed batch
+    records: list[dict[str, Any]] = []
+    for name, model in models.items():
+        key = (model.transform, str(model.device))
+        if key not in preprocessed:
+            preprocessed[key] = model.preprocess(images)
+        tensor, metas = preprocessed[key]
+        amp = precision.autocast(model.device, mixed_precision)
+        with amp:
+            embeddings = model.encode(tensor)
+        ranks: list[float] = [float("nan")] * len(batch)
+        if name in gara_models:  # read right after the encoder: it is what set the gates
+            per_layer = effective_ranks(model, len(batch))
+            ranks = torch.stack(list(per_layer.values())).mean(0).tolist()
+        for kind in kinds:
+            for i, p in enumerate(given[kind]):
+                if p is not prompts[batch[i][0].image_id][kind] or _fingerprint(p) != expected[kind][i]:
+                    raise RuntimeError(
+                        f"prompts for image {batch[i][0].image_id} ({kind}) changed before model "
+                        f"{name!r}: every model must get the same prompts"
+                    )
+            inputs = [model.prompts_to_input(p, m) for p, m in zip(given[kind], metas, strict=True)]
+            with amp:
+                out = model.decode(embeddings, inputs)
+                logits = model.masks_at_input_resolution(out, metas)
+            for (info, sample, keys), lg, pred_iou, rank in zip(
+                batch, logits, out.iou_predictions, ranks, strict=True
+            ):
+                pred = (lg > 0).cpu()
+                iou, dice = instance_scores(pred, sample["masks"])
+                if info.image_id in overlays and kind == overlays[info.image_id].kind:
+                    overlays[info.image_id].predictions[name] = pred.numpy()
+                for k, (ann_id, source_ann_id) in enumerate(zip(sample["ann_ids"], keys, strict=True)):
+                    records.append({
+                        "model": name, "image_id": info.image_id, "source_image_id": info.source_image_id,
+                        "corruption": info.corruption, "severity": info.severity, "kind": kind,
+                        "ann_id": int(ann_id), "source_ann_id": source_ann_id, "iou": float(iou[k]),
+                        "dice": float(dice[k]), "predicted_iou": float(pred_iou[k, 0].float()) * 100.0,
+                        "effective_rank": rank,
+                    })
+    # A model that edited the prompts in place would skew every later model: refuse it.
+    for kind in kinds:
+        for (info, _, _), p, fp in zip(batch, given[kind], expected[kind], strict=True):
+            if _fingerprint(p) != fp:
+                raise RuntimeError(
+                    f"prompts for image {info.image_id} ({kind}) were changed by a model: every model "
+                    "must get the same prompts"
+                )
+    return records

@@ -1,0 +1,258 @@
+"""`gara train` from the driver's side: MLflow run, Ray cluster, TorchTrainer, adapter out.
+
+``train(params)``:
+  1. makes every path absolute (Ray workers run in other working directories): data,
+     val_data, out, storage_path (unless a URL), a local base checkpoint and a relative
+     ``sqlite:///`` tracking URI (relative to the current directory, the repo root when run
+     by make / DVC);
+  2. creates the MLflow run (params = flattened model + train config; lineage tags);
+  3. starts a local Ray on 127.0.0.1 unless Ray is initialised or ``train.ray_address`` is
+     set, and runs a ``TorchTrainer`` with a unique run name (a reused name would silently
+     restore old checkpoints);
+  4. copies the latest checkpoint's adapter to ``train.out`` (built in a sibling temp folder,
+     swapped in only when complete), logs it as the run's ``adapter/`` artifacts, writes
+     ``run.json`` and ends the run FINISHED (FAILED if anything raised; the error propagates).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gara.config import Params
+from gara.data.coco import DatasetFormatError, annotations_path
+from gara.fsutil import atomic_write_json
+from gara.models.backbones import get_backbone_spec
+from gara.models.checkpoints import CheckpointError, resolve_checkpoint
+from gara.tracking import absolute_tracking_uri, redact_uri
+from gara.train.lineage import corruption_set, dvc_data_hash, git_commit, project_root
+from gara.train.loop import ADAPTER_DIR, train_loop_per_worker
+
+RUN_FILE = "run.json"
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    run_id: str
+    metrics: dict[str, Any]
+
+
+def _is_url(value: str) -> bool:
+    return "://" in value
+
+
+def resolve_paths(params: Params, base: Path | None = None) -> Params:
+    """A copy of ``params`` with the paths workers need made absolute."""
+    base = (base or Path.cwd()).resolve()
+    params = params.model_copy(deep=True)
+    train, model = params.train, params.model
+    train.data = str((base / train.data).resolve())
+    train.val_data = str((base / train.val_data).resolve())
+    train.out = str((base / train.out).resolve())
+    if not _is_url(train.storage_path):
+        train.storage_path = str((base / train.storage_path).resolve())
+    if model.checkpoint and not _is_url(model.checkpoint):
+        model.checkpoint = str((base / model.checkpoint).resolve())
+    train.mlflow.tracking_uri = absolute_tracking_uri(train.mlflow.tracking_uri, base)
+    return params
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def run_params(params: Params) -> dict[str, str]:
+    sections = {"model": params.model.model_dump(mode="json"), "train": params.train.model_dump(mode="json")}
+    flat = flatten(sections)
+    flat.pop("train.mlflow.tracking_uri", None)  # may carry credentials; it is in run.json, redacted
+    return flat
+
+
+def base_checkpoint(params: Params) -> tuple[str, str]:
+    """(URI, sha256) of the base weights the workers will load; fails early on a bad one."""
+    model = params.model
+    spec = get_backbone_spec(model.backbone)
+    uri, expected = model.checkpoint, model.checkpoint_sha256
+    if uri is None:
+        if spec.default_checkpoint is None:
+            raise CheckpointError(
+                f"model.checkpoint: backbone {model.backbone!r} has no packaged weights; set it to "
+                "a local path or s3:// URL of the base checkpoint")
+        uri, expected = spec.default_checkpoint(), expected or spec.default_sha256
+    _, sha = resolve_checkpoint(uri, expected, model.s3_endpoint_url)
+    return str(uri), sha
+
+
+def lineage_tags(params: Params, root: Path, ray_run_name: str) -> dict[str, str]:
+    uri, sha = base_checkpoint(params)
+    data_hash, data_hash_source = dvc_data_hash(params.train.data, root)
+    return {
+        "git_commit": git_commit(root),
+        "dvc_data_hash": data_hash,
+        "dvc_data_hash_source": data_hash_source,
+        "base_checkpoint": uri,
+        "base_checkpoint_sha256": sha,
+        "corruption_set": corruption_set(params.train.data),
+        "backbone": params.model.backbone,
+        "adapter_kind": params.model.adapter.kind,
+        "train_data": params.train.data,
+        "ray_run_name": ray_run_name,
+    }
+
+
+def _create_run(params: Params, tags: dict[str, str], run_name: str):
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    cfg = params.train.mlflow
+    client = MlflowClient(cfg.tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    if experiment is not None:
+        experiment_id = experiment.experiment_id
+    else:
+        location = None
+        if cfg.tracking_uri.startswith("sqlite:///"):  # artifacts beside the DB, not in the cwd
+            location = (Path(cfg.tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        experiment_id = client.create_experiment(cfg.experiment, artifact_location=location)
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    items = [Param(k, v) for k, v in sorted(run_params(params).items())]
+    for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return client, run.info.run_id
+
+
+def _start_ray(params: Params) -> bool:
+    """Initialise Ray if needed; True when this call started it (then we shut it down)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind to 127.0.0.1
+    import ray
+
+    if ray.is_initialized():
+        return False
+    train = params.train
+    if train.ray_address:
+        ray.init(address=train.ray_address)
+    else:
+        ray.init(
+            num_cpus=max(2, train.num_workers),
+            include_dashboard=False,
+            object_store_memory=train.object_store_mb * 1024 * 1024,
+            _node_ip_address="127.0.0.1",
+        )
+    return True
+
+
+def _swap_in(src: Path, out: Path, run_info: dict[str, Any]) -> None:
+    """Copy ``src`` + run.json into a sibling temp folder, then swap it in for ``out``.
+
+    ``out`` never holds a half-written adapter: it is the old one or the new one (between
+    the two renames it briefly does not exist).
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = out.parent / f".{out.name}.tmp-{tag}"
+    old = out.parent / f".{out.name}.old-{tag}"
+    try:
+        shutil.copytree(src, tmp)
+        atomic_write_json(tmp / RUN_FILE, run_info)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_data(params: Params) -> None:
+    """Fail in the driver, before a run or a cluster exists, on a missing dataset folder."""
+    for key in ("data", "val_data"):
+        folder = getattr(params.train, key)
+        if not annotations_path(folder).is_file():
+            raise DatasetFormatError(f"train.{key} = {folder}: no {annotations_path(folder).name} there")
+
+
+def train(params: Params, extra_loop_config: dict[str, Any] | None = None) -> TrainResult:
+    """Train an adapter as ``params`` says; see the module docstring.
+
+    ``extra_loop_config`` is merged into the worker config (tests: ``fault_injection``).
+    """
+    root = project_root()
+    params = resolve_paths(params)
+    check_data(params)
+    train_cfg = params.train
+    run_name = f"gara-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    tags = lineage_tags(params, root, run_name)
+    client, run_id = _create_run(params, tags, run_name)
+    tracking_uri = train_cfg.mlflow.tracking_uri
+    print(f"[gara train] MLflow run {run_id} ({redact_uri(tracking_uri)}), Ray run {run_name}", flush=True)
+    started_ray = False
+    try:
+        started_ray = _start_ray(params)
+        result = _fit(params, run_name, tracking_uri, run_id, extra_loop_config or {})
+        if result.checkpoint is None:
+            raise RuntimeError(f"Ray run {run_name} finished without a checkpoint")
+        metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float | str)}
+        out = Path(train_cfg.out)
+        run_info = {
+            "run_id": run_id,
+            "tracking_uri": redact_uri(tracking_uri),
+            "experiment": train_cfg.mlflow.experiment,
+            "ray_run_name": run_name,
+            "checkpoint": result.checkpoint.path,
+            "metrics": metrics,
+        }
+        with result.checkpoint.as_directory() as directory:
+            adapter = Path(directory) / ADAPTER_DIR
+            client.log_artifacts(run_id, str(adapter), "adapter")
+            _swap_in(adapter, out, run_info)
+    except BaseException as exc:
+        client.set_terminated(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
+        raise
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    client.set_terminated(run_id, "FINISHED")
+    return TrainResult(out, run_id, metrics)
+
+
+def _fit(params: Params, run_name: str, tracking_uri: str, run_id: str, extra: dict[str, Any]):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    train_cfg = params.train
+    loop_config = {
+        "model": params.model.model_dump(mode="json"),
+        "train": train_cfg.model_dump(mode="json"),
+        "mlflow": {"tracking_uri": tracking_uri, "run_id": run_id},
+        **extra,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=train_cfg.num_workers,
+            use_gpu=train_cfg.use_gpu,
+            resources_per_worker=None if train_cfg.use_gpu else {"CPU": 1},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=train_cfg.storage_path,
+            failure_config=FailureConfig(max_failures=train_cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.checkpoints_to_keep),
+        ),
+    )
+    return trainer.fit()
