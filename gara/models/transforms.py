@@ -62,7 +62,9 @@ class ImageTransform:
         self.check_image(image)
         original = (int(image.shape[0]), int(image.shape[1]))
         h, w = self.resized_shape(original)
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        # torch.from_numpy needs a writable array (images read from disk may be read-only).
+        pixels = image if image.flags.writeable and image.flags.c_contiguous else image.copy(order="C")
+        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float()
         if (h, w) != original:
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         x = x[0]
