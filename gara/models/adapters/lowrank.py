@@ -40,9 +40,6 @@ class LowRankAdapterLinear(nn.Module):
         self.lora_B = nn.ParameterDict(
             {p: nn.Parameter(torch.zeros(layout.size(p), rank)) for p in self.part_names}
         )
-        for p in self.part_names:  # channel indices of interleaved (TinyViT) parts
-            idx = layout.index(p, torch.device("cpu"))
-            self.register_buffer(f"_index_{p}", idx, persistent=False)
 
     @property
     def in_features(self) -> int:
@@ -85,7 +82,7 @@ class LowRankAdapterLinear(nn.Module):
             b = self.lora_B[part]
             if components is not None:
                 b = b.index_select(1, components)
-            self.layout.add_into(out, part, z[:, :, i] @ b.T, getattr(self, f"_index_{part}"))
+            self.layout.add_into(out, part, z[:, :, i] @ b.T)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         """This layer's own trainable tensors (not the frozen base)."""

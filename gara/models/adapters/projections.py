@@ -2,8 +2,11 @@
 
 segment-anything's ViT packs q|k|v as three contiguous thirds of ``attn.qkv``. TinyViT
 (LiteMedSAM, MobileSAM) interleaves them per head: for each head h, ``[q_h | k_h | v_h]``
-with widths key_dim, key_dim, d. Adapters keep separate Q/K/V paths, so they need the
-output channels of each part; any other Linear is a single part named ``out``.
+with widths key_dim, key_dim, d. Both are one pattern: the output viewed as
+(heads, period), a part taking ``width`` channels at ``offset`` in every head. Adapters keep
+separate Q/K/V paths and add each path's update through that strided view (no index
+scatter, which cost as much as the frozen projection itself on CPU). Any other Linear is a
+single part named ``out``.
 """
 
 from __future__ import annotations
@@ -18,11 +21,24 @@ QKV = ("q", "k", "v")
 
 
 @dataclass(frozen=True)
+class PartSlice:
+    """Channels ``h * period + offset + i`` for h < heads, i < width (head-major order)."""
+
+    heads: int
+    period: int
+    offset: int
+    width: int
+
+    def __len__(self) -> int:
+        return self.heads * self.width
+
+
+@dataclass(frozen=True)
 class ProjectionLayout:
-    """Named groups of output channels: a ``range`` when contiguous, else an index tuple."""
+    """Named groups of a Linear's output channels."""
 
     out_features: int
-    parts: dict[str, range | tuple[int, ...]]
+    parts: dict[str, PartSlice]
 
     def size(self, part: str) -> int:
         return len(self.parts[part])
@@ -33,40 +49,27 @@ class ProjectionLayout:
             raise ValueError(f"projection(s) {unknown} not in this layer; it has {sorted(self.parts)}")
         return ProjectionLayout(self.out_features, {n: self.parts[n] for n in names})
 
-    def index(self, part: str, device: torch.device) -> torch.Tensor | None:
-        """Index tensor for a non-contiguous part (None for a contiguous one)."""
-        spec = self.parts[part]
-        return None if isinstance(spec, range) else torch.as_tensor(spec, device=device)
-
-    def add_into(self, out: torch.Tensor, part: str, delta: torch.Tensor,
-                 index: torch.Tensor | None = None) -> None:
-        """out[..., channels(part)] += delta, in place (autograd-safe)."""
-        spec = self.parts[part]
-        if isinstance(spec, range):
-            out.narrow(-1, spec.start, len(spec)).add_(delta)
-        else:
-            if index is None:
-                index = torch.as_tensor(spec, device=out.device)
-            out.index_add_(out.ndim - 1, index, delta)
+    def add_into(self, out: torch.Tensor, part: str, delta: torch.Tensor) -> None:
+        """out[..., channels(part)] += delta, in place through a strided view (autograd-safe)."""
+        s = self.parts[part]
+        view = out.unflatten(-1, (s.heads, s.period))[..., s.offset : s.offset + s.width]
+        view.add_(delta.unflatten(-1, (s.heads, s.width)))
 
 
 def layout_for(linear: nn.Linear, parent: nn.Module | None) -> ProjectionLayout:
     """Work out the Q/K/V layout of ``linear`` from the attention module that owns it."""
     out = linear.out_features
     if parent is None or getattr(parent, "qkv", None) is not linear:
-        return ProjectionLayout(out, {"out": range(out)})
+        return ProjectionLayout(out, {"out": PartSlice(1, out, 0, out)})
     if all(hasattr(parent, a) for a in ("key_dim", "d", "num_heads")):  # TinyViT attention
         kd, d, heads = parent.key_dim, parent.d, parent.num_heads
-        per_head = 2 * kd + d
-        if per_head * heads != out:
-            raise ValueError(f"TinyViT qkv: {heads} heads x {per_head} != {out} outputs")
-        q = tuple(h * per_head + i for h in range(heads) for i in range(kd))
-        k = tuple(h * per_head + kd + i for h in range(heads) for i in range(kd))
-        v = tuple(h * per_head + 2 * kd + i for h in range(heads) for i in range(d))
-        return ProjectionLayout(out, {"q": q, "k": k, "v": v})
+        period = 2 * kd + d
+        if period * heads != out:
+            raise ValueError(f"TinyViT qkv: {heads} heads x {period} != {out} outputs")
+        parts = {"q": PartSlice(heads, period, 0, kd), "k": PartSlice(heads, period, kd, kd),
+                 "v": PartSlice(heads, period, 2 * kd, d)}
+        return ProjectionLayout(out, parts)
     if out % 3:
         raise ValueError(f"qkv layer with {out} outputs cannot be split into equal q, k, v")
     third = out // 3
-    return ProjectionLayout(
-        out, {"q": range(0, third), "k": range(third, 2 * third), "v": range(2 * third, out)}
-    )
+    return ProjectionLayout(out, {p: PartSlice(1, out, i * third, third) for i, p in enumerate(QKV)})
