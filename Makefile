@@ -35,7 +35,9 @@ run: env
 	$(BIN)/dvc repro
 	$(BIN)/dvc status
 
+# The sample data (in-repo DVC store, no network) lets the tests check the committed dataset.
 test: env
+	$(BIN)/dvc pull -q data.dvc
 	$(BIN)/python -m pytest
 
 bench: env

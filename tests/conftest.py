@@ -7,6 +7,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +131,26 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=15)
         log.close()
+
+
+@dataclass
+class BaseCheckpoint:
+    path: Path
+    sha256: str
+    state: dict
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> BaseCheckpoint:
+    """A seeded vit_tiny state dict saved as a real checkpoint file (adapters reference it)."""
+    import hashlib
+
+    import torch
+
+    from gara.models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    model = build_backbone("vit_tiny", pretrained=False).model
+    path = tmp_path_factory.mktemp("base") / "sam_vit_tiny.pth"
+    torch.save(model.state_dict(), path)
+    return BaseCheckpoint(path, hashlib.sha256(path.read_bytes()).hexdigest(), model.state_dict())

@@ -19,19 +19,14 @@ from gara.models.adapter_io import (
     save_adapter,
 )
 from gara.models.adapters.config import AdapterConfig
-from gara.models.backbones import build_backbone
 from gara.models.factory import build_segmenter
 from gara.models.inject import adapter_layers
 from tests.test_adapters import batch_for, outputs
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_backbone("vit_tiny", pretrained=False).model
-    path = tmp_path_factory.mktemp("base") / "vit_tiny.pth"
-    torch.save(model.state_dict(), path)
-    return str(path)
+@pytest.fixture
+def tiny_base(tiny_vit_checkpoint) -> str:
+    return str(tiny_vit_checkpoint.path)
 
 
 def _trained_like(config: ModelConfig, seed: int = 3):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import imgviz
 import numpy as np
 import pytest
@@ -14,14 +12,9 @@ from gara.models.checkpoints import CheckpointError, ChecksumMismatchError
 from gara.models.segmenter import Prompts, Segmenter
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A vit_tiny state dict saved as a checkpoint file, with its sha256."""
-    torch.manual_seed(0)
-    model = build_backbone("vit_tiny", pretrained=False).model
-    path = tmp_path_factory.mktemp("ckpt") / "sam_vit_tiny.pth"
-    torch.save(model.state_dict(), path)
-    return path, hashlib.sha256(path.read_bytes()).hexdigest(), model.state_dict()
+@pytest.fixture
+def tiny_checkpoint(tiny_vit_checkpoint):
+    return tiny_vit_checkpoint.path, tiny_vit_checkpoint.sha256, tiny_vit_checkpoint.state
 
 
 def _same_weights(model, state) -> bool:

@@ -105,11 +105,8 @@ def corrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("base") / "vit_tiny.pth"
-    torch.save(build_backbone("vit_tiny", pretrained=False).model.state_dict(), path)
-    return str(path)
+def tiny_checkpoint(tiny_vit_checkpoint) -> str:
+    return str(tiny_vit_checkpoint.path)
 
 
 @pytest.fixture(scope="module")

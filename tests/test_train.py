@@ -21,7 +21,6 @@ from gara.config import ModelConfig, PromptConfig, TrainConfig, load_params
 from gara.data.coco import mask_bbox, mask_to_rle, write_coco
 from gara.data.dataset import InstanceDataset
 from gara.models.adapter_io import load_adapted_segmenter
-from gara.models.backbones import build_backbone
 from gara.models.factory import build_segmenter
 from gara.models.transforms import ImageTransform
 from gara.tracking import absolute_tracking_uri, redact_uri
@@ -69,11 +68,9 @@ def make_dataset(root: Path, n: int, seed: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
+def tiny(tmp_path_factory, tiny_vit_checkpoint) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    base = root / "vit_tiny.pth"
-    torch.save(build_backbone("vit_tiny", pretrained=False).model.state_dict(), base)
+    base = tiny_vit_checkpoint.path
     train, val = make_dataset(root / "train", 8, 0), make_dataset(root / "val", 3, 1)
     return {"train": train, "val": val, "base": base}
 
