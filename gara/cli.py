@@ -106,15 +106,15 @@ def _split_list(text: str) -> list[str]:
 def _corrupt_params(
     params_file: Path | None, types: str | None, severities: str | None, seed: int | None
 ) -> tuple[list[str] | None, list[int] | None, int]:
-    """Options win over the ``corrupt:`` section of a params file (DVC's params.yaml)."""
-    section: dict = {}
-    if params_file is not None:
-        import yaml
+    """Options win over the ``corrupt`` section of a params file (DVC's params.yaml)."""
+    from gara.config import CorruptConfig, load_params
 
+    section = CorruptConfig()
+    if params_file is not None:
         if not params_file.is_file():
             raise FileNotFoundError(f"params file {params_file} does not exist")
-        section = (yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}).get("corrupt") or {}
-    type_list = _split_list(types) if types is not None else section.get("types")
+        section = load_params(params_file).corrupt
+    type_list = _split_list(types) if types is not None else section.types
     if severities is not None:
         sev_list: list[int] | None = []
         for part in _split_list(severities):
@@ -123,8 +123,8 @@ def _corrupt_params(
             except ValueError:
                 raise ValueError(f"severity {part!r} is not an integer; valid: 1..5") from None
     else:
-        sev_list = section.get("severities")
-    return type_list, sev_list, seed if seed is not None else int(section.get("seed", 0))
+        sev_list = section.severities
+    return type_list, sev_list, seed if seed is not None else section.seed
 
 
 @app.command("corrupt")
@@ -251,7 +251,8 @@ def train_command(
 ) -> None:
     """Train adapters on the frozen base with Ray Train; track the run in MLflow."""
     from gara.config import load_params
-    from gara.train.launcher import redact_uri, train
+    from gara.tracking import redact_uri
+    from gara.train.launcher import train
 
     overrides = _parse_sets(set_)
     for key, value in (("train.num_workers", workers), ("train.epochs", epochs), ("train.out", out)):

@@ -1,7 +1,7 @@
 """Typed parameters: params.yaml -> pydantic models -> functions.
 
 One loader; a bad value fails at load time with the file, the dotted key and the value.
-Sections this module does not model yet are kept as plain dicts.
+Top-level sections this module does not model are kept as plain dicts.
 """
 
 from __future__ import annotations
@@ -32,6 +32,17 @@ class ModelConfig(BaseModel):
     checkpoint_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     s3_endpoint_url: str | None = None
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+
+
+class CorruptConfig(BaseModel):
+    """The ``corrupt`` section (gara corrupt; names and levels are checked by gara.data.corruptions)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 0
+    types: list[str] | None = None  # None = all 17
+    severities: list[int] | None = None  # None = 1..5
+    train_variants_per_image: int | None = Field(None, ge=1)  # None = the full grid
 
 
 class PromptConfig(BaseModel):
@@ -110,6 +121,7 @@ class EvaluateConfig(BaseModel):
 class Params(BaseModel):
     model_config = ConfigDict(extra="allow")
 
+    corrupt: CorruptConfig = Field(default_factory=CorruptConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
