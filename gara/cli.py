@@ -2,16 +2,42 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
 
-app = typer.Typer(
+from gara.errors import USER_ERRORS
+
+
+class _Typer(typer.Typer):
+    """A Typer whose commands report user errors (bad files, params, prompts) as one line
+    and exit 2, whether run from the console script or a test's CliRunner."""
+
+    def command(self, *args, **kwargs) -> Callable:
+        register = super().command(*args, **kwargs)
+
+        def decorate(fn: Callable) -> Callable:
+            @functools.wraps(fn)
+            def run(*a, **k):
+                try:
+                    return fn(*a, **k)
+                except USER_ERRORS as exc:
+                    typer.echo(f"error: {exc}", err=True)
+                    raise typer.Exit(2) from None
+
+            return register(run)
+
+        return decorate
+
+
+app = _Typer(
     help="GaRA-SAM: make a frozen Segment Anything Model robust with gated-rank adapters.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Dataset commands (validate, build the embedded sample).", no_args_is_help=True)
+data_app = _Typer(help="Dataset commands (validate, build the embedded sample).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
@@ -146,15 +172,11 @@ def corrupt(
     """Write every (image, type, severity) of a dataset as a new dataset folder."""
     from gara.data.corrupt import corrupt_dataset
 
-    try:
-        type_list, sev_list, seed_value = _corrupt_params(params_file, types, severities, seed)
-        summary = corrupt_dataset(
-            data, out, types=type_list, severities=sev_list, seed=seed_value,
-            variants_per_image=variants_per_image, workers=workers, progress=progress,
-        )
-    except (ValueError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    type_list, sev_list, seed_value = _corrupt_params(params_file, types, severities, seed)
+    summary = corrupt_dataset(
+        data, out, types=type_list, severities=sev_list, seed=seed_value,
+        variants_per_image=variants_per_image, workers=workers, progress=progress,
+    )
     typer.echo(
         f"{summary.out}: {summary.images} images ({summary.source_images} sources), "
         f"{summary.annotations} annotations; written {summary.written}, skipped {summary.skipped}"
@@ -175,12 +197,8 @@ def contact_sheet(
     """Render one image under every corruption type (rows) and severity (columns)."""
     from gara.data.corrupt import render_contact_sheet
 
-    try:
-        type_list, sev_list, _ = _corrupt_params(None, types, severities, seed)
-        path = render_contact_sheet(image, out, type_list, sev_list, seed=seed, cell=cell)
-    except (ValueError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    type_list, sev_list, _ = _corrupt_params(None, types, severities, seed)
+    path = render_contact_sheet(image, out, type_list, sev_list, seed=seed, cell=cell)
     typer.echo(f"wrote {path}")
 
 
@@ -265,18 +283,11 @@ def train_command(
 
 
 def main() -> None:
-    """Entry point: user errors print one clear line (exit 2), not a stack trace."""
+    """Entry point (user errors exit 2 with one line: see _Typer)."""
     import logging
-    import sys
-
-    from gara.errors import USER_ERRORS
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        app()  # typer reports usage errors itself and exits
-    except USER_ERRORS as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    app()
 
 
 if __name__ == "__main__":

@@ -14,20 +14,13 @@ from urllib.parse import urlparse
 
 import torch
 
+from gara.errors import CheckpointError, ChecksumMismatchError
 from gara.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "GARA_CACHE_DIR"
 S3_ENDPOINT_ENV = "GARA_S3_ENDPOINT_URL"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be found, verified or loaded."""
-
-
-class ChecksumMismatchError(CheckpointError):
-    """The checkpoint's bytes are not the ones the configuration (or adapter) expects."""
 
 
 def cache_dir() -> Path:
