@@ -43,6 +43,7 @@ test: env
 bench: env
 	$(BIN)/python bench/bench_adapters.py
 	$(BIN)/python bench/bench_corruptions.py
+	$(BIN)/python bench/bench_train.py
 
 lint: env
 	$(BIN)/ruff check .
