@@ -281,6 +281,128 @@ def train_command(
     typer.echo(f"adapter: {result.adapter_dir}")
     typer.echo(f"mlflow run: {result.run_id} ({redact_uri(loaded.train.mlflow.tracking_uri)})")
 
+# --- registry commands -------------------------------------------------------------------
+def _load(params: Path, overrides: dict | None = None):
+    from gara.config import load_params
+
+    if params != Path("params.yaml") and not params.is_file():
+        raise FileNotFoundError(f"params file {params} does not exist")
+    return load_params(params, overrides or {})
+
+
+@app.command("register")
+def register_command(
+    adapter: Path = typer.Option(..., help="Adapter folder written by gara train (holds run.json)."),
+    report: Path = typer.Option(Path("reports/eval"), help="Evaluation report folder (metrics.json)."),
+    candidate: str | None = typer.Option(None, help="Report row of this adapter (default: registry."
+                                         "candidate, else the report's primary model)."),
+    params: Path = typer.Option(Path("params.yaml"), help="Parameter file (registry + train.mlflow)."),
+    out: Path | None = typer.Option(None, help="Write the registered version as JSON here."),
+) -> None:
+    """Register an evaluated adapter as a model version (alias challenger)."""
+    from gara.registry.register import register
+
+    version = register(_load(params), adapter, report, candidate, out)
+    verb = "registered" if version.created else "already registered as"
+    typer.echo(f"{verb} {version.model_uri} (@challenger) from run {version.run_id}: "
+               f"gate {version.gate_score:.2f}, clear {version.clear_score:.2f}")
+
+
+@app.command("promote")
+def promote_command(
+    version: str | None = typer.Option(None, help="Version to decide on (default: --registered, "
+                                       "else the @challenger alias)."),
+    registered: Path | None = typer.Option(None, help="JSON written by gara register --out."),
+    rollback: bool = typer.Option(False, "--rollback", help="Move champion back to the previous champion."),
+    params: Path = typer.Option(Path("params.yaml"), help="Parameter file (registry, evaluate, mlflow)."),
+    out: Path | None = typer.Option(None, help="Write the decision as JSON here."),
+) -> None:
+    """Make the challenger champion if it beats the current one on the gate metric (or roll back)."""
+    import json
+
+    from gara.registry import promote as promotion
+    from gara.registry.store import CHALLENGER, client_for, registry_uri
+
+    loaded = _load(params)
+    if rollback:
+        result = promotion.rollback(loaded, out)
+        typer.echo(f"{result.name}: champion moved back from version {result.from_version} "
+                   f"to {result.to_version}")
+        return
+    if version is None and registered is not None:
+        version = str(json.loads(registered.read_text(encoding="utf-8"))["version"])
+    if version is None:
+        client = client_for(registry_uri(loaded))
+        version = str(client.get_model_version_by_alias(loaded.registry.name, CHALLENGER).version)
+    decision = promotion.promote(loaded, version, promotion.evaluation_rescorer(loaded), out)
+    verdict = "promoted to champion" if decision.promoted else "not promoted"
+    typer.echo(f"{decision.name} version {decision.version}: {verdict} ({decision.reason}); "
+               f"champion is version {decision.champion}")
+
+
+def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{what} {text!r}: expected comma-separated numbers") from None
+    if len(values) not in n:
+        raise ValueError(f"{what} {text!r}: expected {' or '.join(map(str, n))} numbers")
+    return values
+
+
+@app.command("predict")
+def predict_command(
+    image: Path = typer.Option(..., help="RGB image file (PNG / JPEG)."),
+    box: list[str] = typer.Option([], help="x0,y0,x1,y1 in pixels; repeat for several objects."),
+    point: list[str] = typer.Option([], help="x,y[,label] (label 1 = foreground, default; 0 = "
+                                    "background); all points describe one object."),
+    model: str | None = typer.Option(None, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... or a "
+                                     "model folder (default: models:/<registry.name>@champion)."),
+    out: Path = typer.Option(Path("mask.png"), help="Mask PNG (several objects: NAME_0.png, NAME_1.png...)."),
+    params: Path = typer.Option(Path("params.yaml"), help="Parameter file (registry name, tracking store)."),
+) -> None:
+    """Segment the prompted objects with a registered model; write binary mask PNGs."""
+    from mlflow.exceptions import MlflowException
+    from PIL import Image
+
+    from gara.fsutil import atomic_write
+    from gara.registry.model import make_request
+    from gara.registry.store import registry_uri
+    from gara.tracking import active_store, redact_uri
+
+    loaded = _load(params)
+    uri = model or f"models:/{loaded.registry.name}@champion"
+    boxes = [_floats(b, (4,), "--box") for b in box] or None
+    points = labels = None
+    if point:
+        parsed = [_floats(p, (2, 3), "--point") for p in point]
+        points, labels = [[p[:2] for p in parsed]], [[int(p[2]) if len(p) == 3 else 1 for p in parsed]]
+        if boxes is not None and len(boxes) != 1:
+            raise ValueError("--point with several --box: points describe one object, so give one box")
+    if not image.is_file():
+        raise FileNotFoundError(f"--image {image}: no such file")
+    request = make_request(image.read_bytes(), boxes, points, labels)
+    import mlflow.pyfunc
+
+    store = registry_uri(loaded)
+    with active_store(store):
+        try:
+            pyfunc = mlflow.pyfunc.load_model(uri)
+        except MlflowException as exc:
+            raise ValueError(
+                f"--model {uri}: cannot load it from {redact_uri(store)}: {exc.message}") from None
+        row = pyfunc.predict(request).iloc[0]
+    masks = row["masks"]
+    paths = [out] if len(masks) == 1 else [
+        out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(len(masks))]
+    for mask, path in zip(masks, paths, strict=True):
+        png = Image.fromarray(mask.astype("uint8") * 255)
+        atomic_write(path, lambda tmp, png=png: png.save(tmp, format="PNG"))
+    ranks = row["effective_rank"] or {}
+    rank_note = f"; mean effective rank {sum(ranks.values()) / len(ranks):.1f}" if ranks else ""
+    scores = ", ".join(f"{s:.3f}" for s in row["scores"])
+    typer.echo(f"wrote {', '.join(map(str, paths))} (predicted IoU {scores}{rank_note})")
+
 
 def main() -> None:
     """Entry point (user errors exit 2 with one line: see _Typer)."""

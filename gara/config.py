@@ -118,6 +118,28 @@ class EvaluateConfig(BaseModel):
     batch_size: int = Field(4, ge=1)  # images per encoder forward (every model shares the batch)
 
 
+class GateConfig(BaseModel):
+    """When a challenger earns ``champion``: metrics are paths into a report's summary."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: str = Field("degrade.box.iou", pattern=r"^(clear|degrade)\.(box|point)\.(iou|dice)$")
+    margin: float = Field(0.5, ge=0)  # points (0-100) the challenger must win by
+    clear_metric: str = Field("clear.box.iou", pattern=r"^clear\.(box|point)\.(iou|dice)$")
+    max_clear_drop: float = Field(1.0, ge=0)  # points of Clear it may lose while winning
+
+
+class RegistryConfig(BaseModel):
+    """The ``registry`` section (gara register / promote; tracking store: train.mlflow)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("gara-sam", pattern=r"^[A-Za-z0-9_.-]+$")
+    candidate: str | None = None  # the report row to register (None: the report's primary model)
+    base_row: str = "base"  # the report row of the frozen base (a first champion must beat it)
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+
 class Params(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -125,6 +147,7 @@ class Params(BaseModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -22,6 +24,14 @@ def effective_tracking_uri(configured: str | None) -> str | None:
     return os.environ.get("MLFLOW_TRACKING_URI") or configured
 
 
+def resolve_tracking_uri(configured: str | None, base: Path | None = None) -> str | None:
+    """The URI every command uses: the environment's, else the configured one, with a relative
+    ``sqlite:///`` path made absolute against ``base`` (default: the current directory, the
+    repository root when run by make / DVC / the Prefect flows)."""
+    uri = effective_tracking_uri(configured)
+    return absolute_tracking_uri(uri, base or Path.cwd()) if uri else None
+
+
 def redact_uri(uri: str | None) -> str:
     """Drop user:password@ from a URI before it is printed or written anywhere."""
     if not uri:
@@ -32,3 +42,25 @@ def redact_uri(uri: str | None) -> str:
     host = parts.hostname or ""
     netloc = f"{host}:{parts.port}" if parts.port else host
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+@contextlib.contextmanager
+def active_store(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (log_model, load_model) at ``uri`` for a block, then restore.
+
+    MLflow's setters also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, so what is
+    restored is the environment as it was (unset stays unset), not MLflow's resolved default.
+    """
+    import mlflow
+
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)

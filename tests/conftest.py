@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
@@ -81,37 +82,49 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``mlflow server`` on 127.0.0.1 (SQLite store, proxied artifacts) for the session.
+def mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One SQLite store migrated once per session; servers start on copies of it (migrating a
+    fresh DB costs ~10 s, copying it milliseconds)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    One server per session, so its SQLite schema is migrated once; tests keep apart by using
-    their own experiment names. Yields the tracking URL.
-    """
+    root = tmp_path_factory.mktemp("mlflow-template")
+    SqlAlchemyStore(f"sqlite:///{root}/mlflow.db", str(root / "unused-artifacts")).engine.dispose()
+    return root / "mlflow.db"
+
+
+@contextlib.contextmanager
+def running_mlflow_server(
+    root: Path, template: Path, artifacts_destination: str, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1 over a copy of ``template``, proxying artifacts to
+    ``artifacts_destination`` (a folder or s3:// URL); yields its URL and stops it after."""
+    import shutil
     import signal
     import subprocess
     import sys
     import time
     import urllib.request
-    from pathlib import Path
 
-    root = tmp_path_factory.mktemp("mlflow-server")
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, root / "mlflow.db")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
     cmd = [
-        str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-        "--artifacts-destination", str(root / "artifacts"),
+        str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+        "--artifacts-destination", artifacts_destination,
     ]
-    log = (root / "server.log").open("wb")
+    log_path = root / "server.log"
+    log = log_path.open("wb")
     # Own process group: stopping it also stops the uvicorn worker it spawns, and nothing else.
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **(env or {})})
     try:
         deadline = time.monotonic() + 90
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"mlflow server exited ({proc.returncode}): "
-                                   f"{(root / 'server.log').read_text(errors='replace')[-2000:]}")
+                                   f"{log_path.read_text(errors='replace')[-2000:]}")
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                     if response.status == 200:
@@ -131,6 +144,28 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=15)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory, mlflow_db_template: Path) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite store, proxied artifacts on disk) for the
+    session; tests keep apart by using their own experiment names. Yields the tracking URL."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with running_mlflow_server(root, mlflow_db_template, str(root / "artifacts")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def mlflow_s3_server(
+    tmp_path_factory: pytest.TempPathFactory, mlflow_db_template: Path, s3_server: S3Server
+) -> Iterator[tuple[str, str]]:
+    """A real ``mlflow server`` whose artifacts live in a bucket of the local S3 server (the
+    server holds the S3 credentials; clients go through its proxy). Yields (URL, bucket)."""
+    bucket = s3_server.new_bucket()
+    env = {**s3_server.env(), "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url}
+    root = tmp_path_factory.mktemp("mlflow-s3-server")
+    with running_mlflow_server(root, mlflow_db_template, f"s3://{bucket}/mlflow", env) as url:
+        yield url, bucket
 
 
 @dataclass

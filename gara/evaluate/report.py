@@ -11,11 +11,12 @@ Definitions (every number on 0-100):
 
 ``metrics.json`` layout (numbers at the leaves, for ``dvc metrics show``)::
 
-    primary, dataset, prompts{kinds, n_points, seed}, images{...counts}, corruption_types, severities
+    primary, dataset, evaluation_set (fingerprint of images, labels and prompt settings),
+    prompts{kinds, n_points, seed}, images{...counts}, corruption_types, severities
     summary{clear|degrade}{box|point}{iou, dice}     for the primary (last) model
     summary.effective_rank{all, clear, degrade}      GaRA models only
     table[corruption][severity][kind]{iou, dice, n_images, n_instances}   ("clean" -> "0")
-    models[name]{summary, table}                     every model compared
+    models[name]{summary, table, adapter_weights_sha256}   every model compared (sha: adapters only)
 
 A value that cannot be computed (no corrupted image, a prompt kind not evaluated) is null.
 The definitions themselves are written in report.md, not in metrics.json (``dvc metrics
@@ -119,10 +120,14 @@ def summarize_model(records: pd.DataFrame, model: str) -> dict[str, Any]:
 def build_metrics(result: EvaluationResult) -> dict[str, Any]:
     """The ``metrics.json`` document (pure: no files touched)."""
     models = {name: summarize_model(result.records, name) for name in result.models}
+    for name, sha in result.adapter_weights.items():  # which weights a row scored (registry check)
+        if sha:
+            models[name]["adapter_weights_sha256"] = sha
     images = result.images
     return {
         "primary": result.primary,
         "dataset": result.dataset,
+        "evaluation_set": result.evaluation_set,
         "prompts": {"kinds": list(result.kinds), "n_points": result.n_points, "seed": result.seed},
         "images": {
             "evaluated": len(images),

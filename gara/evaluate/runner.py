@@ -13,6 +13,7 @@ given (in place) is caught before the next model sees them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -40,7 +41,7 @@ from gara.models.adapters.gara import GaRALinear, effective_ranks
 from gara.models.factory import build_segmenter
 from gara.models.segmenter import Prompts, Segmenter
 from gara.seeding import seeded_rng
-from gara.tracking import effective_tracking_uri, redact_uri
+from gara.tracking import active_store, redact_uri, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -195,11 +196,14 @@ def _download_mlflow(uri: str, spec: str, dst: Path, tracking_uri: str | None) -
     import mlflow  # lazy: heavy, and only this branch needs it
     from mlflow.exceptions import MlflowException
 
-    uri_to_use = effective_tracking_uri(tracking_uri)
+    uri_to_use = resolve_tracking_uri(tracking_uri)
+    # models:/ URIs resolve through nested lookups that read MLflow's global store: set it too.
+    store = active_store(uri_to_use) if uri_to_use else contextlib.nullcontext()
     try:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(dst), tracking_uri=uri_to_use, registry_uri=uri_to_use,
-        )
+        with store:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(dst), tracking_uri=uri_to_use, registry_uri=uri_to_use,
+            )
     except MlflowException as exc:
         where = redact_uri(uri_to_use)
         raise ModelSpecError(f"--model {spec!r}: MLflow ({where}) cannot give {uri}: {exc}") from exc
@@ -295,6 +299,8 @@ class EvaluationResult:
     overlays: list[Overlay]
     seconds: float
     gara_models: list[str] = field(default_factory=list)
+    evaluation_set: str = ""  # fingerprint of images + labels + prompt settings (evaluation_set_id)
+    adapter_weights: dict[str, str | None] = field(default_factory=dict)  # model -> weights sha256
 
     @property
     def primary(self) -> str:
@@ -306,6 +312,23 @@ def _fingerprint(prompts: Prompts) -> str:
     for t in (prompts.boxes, prompts.points, prompts.labels):
         digest.update(b"-" if t is None else t.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def evaluation_set_id(
+    data: Path, coco: dict[str, Any], images: Sequence[ImageInfo], kinds: Sequence[str], n_points: int,
+    seed: int,
+) -> str:
+    """A fingerprint of what was evaluated: the labels, every evaluated image's bytes and the
+    prompt settings. Two reports with the same id scored models on the very same inputs, so
+    their numbers are comparable (the registry's promotion gate relies on it)."""
+    digest = hashlib.sha256()
+    digest.update((data / "annotations.json").read_bytes())
+    files = {e["id"]: e["file_name"] for e in coco["images"] if isinstance(e, dict) and "id" in e}
+    for info in sorted(images, key=lambda i: i.image_id):
+        digest.update(f"{info.image_id}:".encode())
+        digest.update(hashlib.sha256((data / files[info.image_id]).read_bytes()).digest())
+    digest.update(repr((sorted(kinds), n_points, seed)).encode())
+    return digest.hexdigest()[:16]
 
 
 def has_gara(model: torch.nn.Module) -> bool:
@@ -390,6 +413,8 @@ def evaluate_models(
         n_points=config.prompts.n_points, seed=config.seed, images=evaluated, skipped=skipped,
         prompts=prompts, overlays=[overlays[i.image_id] for i in selected if i.image_id in overlays],
         seconds=time.perf_counter() - start, gara_models=gara_models,
+        evaluation_set=evaluation_set_id(data, coco, evaluated, kinds, config.prompts.n_points, config.seed),
+        adapter_weights={name: getattr(m, "adapter_weights_sha256", None) for name, m in models.items()},
     )
 
 

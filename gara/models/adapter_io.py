@@ -144,5 +144,6 @@ def load_adapted_segmenter(
     segmenter = Segmenter(backbone)
     attach_adapter(segmenter, manifest.adapter)
     load_adapter_weights(segmenter, directory)
+    segmenter.adapter_weights_sha256 = manifest.weights_sha256  # reports record what they scored
     segmenter.eval()
     return segmenter

@@ -29,7 +29,7 @@ from gara.data.coco import DatasetFormatError, annotations_path
 from gara.fsutil import atomic_write_json
 from gara.models.backbones import get_backbone_spec
 from gara.models.checkpoints import CheckpointError, resolve_checkpoint
-from gara.tracking import absolute_tracking_uri, redact_uri
+from gara.tracking import redact_uri, resolve_tracking_uri
 from gara.train.lineage import corruption_set, dvc_data_hash, git_commit, project_root
 from gara.train.loop import ADAPTER_DIR, train_loop_per_worker
 
@@ -59,7 +59,7 @@ def resolve_paths(params: Params, base: Path | None = None) -> Params:
         train.storage_path = str((base / train.storage_path).resolve())
     if model.checkpoint and not _is_url(model.checkpoint):
         model.checkpoint = str((base / model.checkpoint).resolve())
-    train.mlflow.tracking_uri = absolute_tracking_uri(train.mlflow.tracking_uri, base)
+    train.mlflow.tracking_uri = resolve_tracking_uri(train.mlflow.tracking_uri, base)
     return params
 
 

@@ -1,0 +1,1 @@
+"""MLflow registry: the pyfunc model teams pull, registration, and champion promotion."""

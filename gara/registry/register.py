@@ -1,0 +1,270 @@
+"""``gara register``: an evaluated training run becomes a model version.
+
+Inputs: the adapter folder ``gara train`` wrote (its ``run.json`` names the MLflow run) and
+the evaluation report that scored it (``metrics.json`` + ``report.md``). The run gets the
+report as artifacts (``evaluation/``) and the candidate's summary as metrics; a pyfunc
+model (:mod:`gara.registry.model`) is logged into the run and registered under
+``registry.name`` with the run's lineage tags and the gate's inputs as version tags. The
+new version gets the alias ``challenger``; only :mod:`gara.registry.promote` hands out
+``champion``.
+
+Registering the same run, adapter and evaluation set again returns the existing version
+(a retried flow task or a re-run stage does not pile up duplicates).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from gara.config import Params
+from gara.fsutil import atomic_write_json
+from gara.models.adapter_io import CONFIG_FILE, WEIGHTS_FILE, read_manifest
+from gara.registry.model import ADAPTER_ARTIFACT, signature
+from gara.registry.store import CHALLENGER, client_for, registry_uri
+from gara.tracking import active_store, redact_uri
+
+REPORT_FILES = ("metrics.json", "report.md")
+LINEAGE_TAGS = (
+    "git_commit", "dvc_data_hash", "base_checkpoint", "base_checkpoint_sha256", "corruption_set",
+    "backbone", "adapter_kind",
+)
+MODEL_CODE = Path(__file__).with_name("model_code.py")
+
+
+class RegistrationError(ValueError):
+    """The adapter, the report or the run do not fit together; the message says which."""
+
+
+@dataclass
+class RegisteredVersion:
+    name: str
+    version: str
+    run_id: str
+    model_uri: str  # models:/NAME/VERSION
+    candidate: str  # the report row it was registered from
+    gate_score: float
+    clear_score: float
+    evaluation_set: str
+    created: bool  # False: this run + report was already registered
+
+
+def summary_value(summary: dict[str, Any], path: str, where: str) -> float:
+    """``degrade.box.iou`` -> summary["degrade"]["box"]["iou"], refusing a missing value."""
+    node: Any = summary
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            raise RegistrationError(f"{where}: no {path!r} in the summary")
+        node = node[key]
+    if not isinstance(node, int | float):
+        raise RegistrationError(f"{where}: {path} is {node!r}, not a number (was it evaluated?)")
+    return float(node)
+
+
+def read_report(report_dir: Path) -> dict[str, Any]:
+    path = report_dir / "metrics.json"
+    if not path.is_file():
+        raise RegistrationError(
+            f"{path}: missing; run gara evaluate first (register takes evaluated runs only)")
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RegistrationError(f"{path}: not valid JSON: {exc}") from None
+    for key in ("models", "primary", "evaluation_set"):
+        if key not in metrics:
+            raise RegistrationError(f"{path}: no {key!r}; re-run gara evaluate with this version of gara")
+    return metrics
+
+
+def read_run_id(adapter_dir: Path) -> str:
+    path = adapter_dir / "run.json"
+    if not path.is_file():
+        raise RegistrationError(
+            f"{path}: missing; register takes adapters written by gara train (run.json names the MLflow run)")
+    run_id = json.loads(path.read_text(encoding="utf-8")).get("run_id")
+    if not run_id:
+        raise RegistrationError(f"{path}: no run_id")
+    return str(run_id)
+
+
+def version_tags(
+    run_tags: dict[str, str], metrics: dict[str, Any], candidate: str, params: Params, weights_sha: str,
+) -> dict[str, str]:
+    gate = params.registry.gate
+    where = f"metrics.json models.{candidate}"
+    summary = metrics["models"][candidate]["summary"]
+    tags = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags}
+    tags.update({
+        "gara.candidate": candidate,
+        "gara.evaluation_set": str(metrics["evaluation_set"]),
+        "gara.evaluation_dataset": str(metrics.get("dataset", "")),
+        "gara.gate_metric": gate.metric,
+        "gara.gate_score": f"{summary_value(summary, gate.metric, where):.4f}",
+        "gara.clear_metric": gate.clear_metric,
+        "gara.clear_score": f"{summary_value(summary, gate.clear_metric, where):.4f}",
+        "gara.adapter_weights_sha256": weights_sha,
+    })
+    base = metrics["models"].get(params.registry.base_row)
+    if base is not None:
+        bwhere = f"metrics.json models.{params.registry.base_row}"
+        tags["gara.base_gate_score"] = f"{summary_value(base['summary'], gate.metric, bwhere):.4f}"
+        tags["gara.base_clear_score"] = f"{summary_value(base['summary'], gate.clear_metric, bwhere):.4f}"
+    return tags
+
+
+def _flat_metrics(summary: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in summary.items():
+        name = f"{prefix}/{key}"
+        if isinstance(value, dict):
+            out.update(_flat_metrics(value, name))
+        elif isinstance(value, int | float):
+            out[name] = float(value)
+    return out
+
+
+def _existing(client, name: str, run_id: str, weights_sha: str, evaluation_set: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    for v in versions:
+        if (v.tags.get("gara.adapter_weights_sha256") == weights_sha
+                and v.tags.get("gara.evaluation_set") == evaluation_set):
+            return v
+    return None
+
+
+def register(
+    params: Params,
+    adapter_dir: str | Path,
+    report_dir: str | Path,
+    candidate: str | None = None,
+    out: str | Path | None = None,
+) -> RegisteredVersion:
+    """Register the adapter in ``adapter_dir`` as a version of ``registry.name``; see the module docstring."""
+    from mlflow.exceptions import MlflowException
+
+    adapter_dir, report_dir = Path(adapter_dir), Path(report_dir)
+    manifest = read_manifest(adapter_dir)
+    run_id = read_run_id(adapter_dir)
+    metrics = read_report(report_dir)
+    candidate = candidate or params.registry.candidate or metrics["primary"]
+    rows = metrics["models"]
+    if candidate not in rows:
+        raise RegistrationError(
+            f"{report_dir / 'metrics.json'}: no model row {candidate!r} (rows: {sorted(rows)}); "
+            "set registry.candidate or --candidate")
+    recorded = rows[candidate].get("adapter_weights_sha256")
+    if recorded and recorded != manifest.weights_sha256:
+        raise RegistrationError(
+            f"report row {candidate!r} scored adapter weights {recorded[:12]}, but {adapter_dir} holds "
+            f"{manifest.weights_sha256[:12]}: evaluate this adapter before registering it")
+    uri = registry_uri(params)
+    client = client_for(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise RegistrationError(
+            f"{adapter_dir / 'run.json'}: run {run_id} is not in {redact_uri(uri)} ({exc.message}); "
+            "set MLFLOW_TRACKING_URI to the store gara train used") from None
+    name = params.registry.name
+    tags = version_tags(run.data.tags, metrics, candidate, params, manifest.weights_sha256)
+    existing = _existing(client, name, run_id, manifest.weights_sha256, tags["gara.evaluation_set"])
+    if existing is not None:
+        version = existing.version
+        created = False
+    else:
+        for f in REPORT_FILES:
+            if (report_dir / f).is_file():
+                client.log_artifact(run_id, str(report_dir / f), "evaluation")
+        summary = rows[candidate]["summary"]
+        for key, value in sorted(_flat_metrics(summary).items()):
+            client.log_metric(run_id, key, value)
+        model_uri, model_id = _log_pyfunc(uri, run_id, adapter_dir, manifest)
+        _ensure_registered_model(client, name)
+        version = _create_version(client, name, model_uri, model_id, run_id, tags, metrics, candidate)
+        created = True
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    result = RegisteredVersion(
+        name=name, version=str(version), run_id=run_id, model_uri=f"models:/{name}/{version}",
+        candidate=candidate, gate_score=float(tags["gara.gate_score"]),
+        clear_score=float(tags["gara.clear_score"]), evaluation_set=tags["gara.evaluation_set"],
+        created=created,
+    )
+    if out is not None:
+        atomic_write_json(Path(out), asdict(result))
+    return result
+
+
+def _log_pyfunc(uri: str, run_id: str, adapter_dir: Path, manifest) -> tuple[str, str]:
+    """Log the pyfunc into the training run; returns its (models:/ URI, model id). Only the two adapter
+    files travel (not run.json): the version weighs what the adapter weighs."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="gara-register-") as tmp:
+        staged = Path(tmp) / ADAPTER_ARTIFACT
+        staged.mkdir()
+        for f in (WEIGHTS_FILE, CONFIG_FILE):
+            shutil.copy2(adapter_dir / f, staged / f)
+        with active_store(uri), mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(MODEL_CODE),
+                artifacts={ADAPTER_ARTIFACT: str(staged)},
+                signature=signature(),
+                model_config={"base_checkpoint": None, "s3_endpoint_url": None},
+                pip_requirements=[f"gara-sam=={_package_version()}"],
+                metadata={
+                    "backbone": manifest.backbone,
+                    "adapter_kind": manifest.adapter.kind,
+                    "base_checkpoint": manifest.base_checkpoint,
+                    "base_checkpoint_sha256": manifest.base_checkpoint_sha256,
+                    "adapted_layers": manifest.adapted_layers,
+                    "trainable_params": manifest.trainable_params,
+                },
+            )
+    return info.model_uri, info.model_id
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gara-sam")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def _ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(
+                name, description="GaRA-SAM adapters on a frozen SAM-family base. Pull "
+                f"models:/{name}@{'champion'} (gara.registry.model documents input and output).")
+        except MlflowException:
+            client.get_registered_model(name)  # created concurrently: fine
+
+
+def _create_version(client, name, model_uri, model_id, run_id, tags, metrics, candidate) -> str:
+    base = metrics["models"].get("base", {}).get("summary")
+    lines = [f"Registered from report row `{candidate}` (evaluation set {tags['gara.evaluation_set']}).",
+             f"{tags['gara.gate_metric']}: {tags['gara.gate_score']}; "
+             f"{tags['gara.clear_metric']}: {tags['gara.clear_score']}."]
+    if base is not None and "gara.base_gate_score" in tags:
+        lines.append(f"Frozen base on the same set: {tags['gara.base_gate_score']} / "
+                     f"{tags['gara.base_clear_score']}.")
+    lines.append(f"Evaluation report: runs:/{run_id}/evaluation/report.md")
+    mv = client.create_model_version(
+        name, source=model_uri, run_id=run_id, tags=tags, description="\n".join(lines), model_id=model_id)
+    return str(mv.version)

@@ -1,0 +1,406 @@
+"""The registry against a real ``mlflow server`` (SQLite) with artifacts on a real S3 server.
+
+Adapters are real (vit_tiny + GaRA, saved with gara's adapter_io) and runs are real MLflow
+runs. Gate tests write the evaluation report's summary numbers themselves: the report is
+the gate's input, so choosing it is how "a worse / a better challenger" is set up. One test
+re-scores a champion with a real evaluation.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gara.config import AdapterConfig, ModelConfig, Params, parse_params
+from gara.errors import ChecksumMismatchError
+from gara.evaluate.report import write_report
+from gara.evaluate.runner import evaluate_models, resolve_models
+from gara.models.adapter_io import load_adapted_segmenter, read_manifest, save_adapter
+from gara.models.factory import build_segmenter
+from gara.models.inject import adapter_state_dict
+from gara.models.segmenter import Prompts
+from gara.registry.model import PredictInputError, make_request
+from gara.registry.promote import PromotionError, evaluation_rescorer, promote, rollback
+from gara.registry.register import RegistrationError, register
+from gara.registry.store import CHALLENGER, CHAMPION, client_for
+from gara.tracking import active_store
+from tests.test_train import make_dataset
+
+ADAPTER = AdapterConfig(kind="gara", low_rank=4, high_rank=8)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # The params' tracking URI must decide, and locks must not land in the user's cache.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("GARA_BASE_CHECKPOINT", raising=False)
+    monkeypatch.setenv("GARA_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def server(mlflow_s3_server) -> str:
+    return mlflow_s3_server[0]
+
+
+def params_for(server: str, name: str, base: Path, **registry) -> Params:
+    return parse_params({
+        "model": {"backbone": "vit_tiny", "checkpoint": str(base), "adapter": ADAPTER.model_dump()},
+        "train": {"mlflow": {"tracking_uri": server, "experiment": f"registry-{name}"}},
+        "registry": {"name": name, **registry},
+    })
+
+
+def make_run(server: str, experiment: str, adapter_dir: Path) -> str:
+    """A real MLflow run with lineage tags, named in run.json as gara train does."""
+    client = client_for(server)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    manifest = read_manifest(adapter_dir)
+    run = client.create_run(exp_id, tags={
+        "git_commit": "test", "backbone": manifest.backbone, "adapter_kind": manifest.adapter.kind,
+        "base_checkpoint": manifest.base_checkpoint,
+        "base_checkpoint_sha256": manifest.base_checkpoint_sha256,
+    })
+    client.set_terminated(run.info.run_id, "FINISHED")
+    (adapter_dir / "run.json").write_text(json.dumps({"run_id": run.info.run_id}), encoding="utf-8")
+    return run.info.run_id
+
+
+def make_adapter(folder: Path, base: Path, seed: int) -> Path:
+    """vit_tiny + GaRA with non-zero weights (so the adapter changes the masks)."""
+    segmenter = build_segmenter(ModelConfig(backbone="vit_tiny", checkpoint=str(base), adapter=ADAPTER))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_state_dict(segmenter).values():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return save_adapter(segmenter, folder)
+
+
+def summary(gate: float, clear: float) -> dict:
+    return {"clear": {"box": {"iou": clear, "dice": clear}}, "degrade": {"box": {"iou": gate, "dice": gate}}}
+
+
+def write_gate_report(folder: Path, adapter_dir: Path, gate: float, clear: float,
+                      base_scores=(50.0, 70.0), evaluation_set: str = "set-a") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    sha = read_manifest(adapter_dir).weights_sha256
+    metrics = {"primary": "gara", "dataset": "val", "evaluation_set": evaluation_set, "models": {
+        "base": {"summary": summary(*base_scores)},
+        "gara": {"summary": summary(gate, clear), "adapter_weights_sha256": sha},
+    }}
+    (folder / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    (folder / "report.md").write_text(f"# report\ngate {gate}, clear {clear}\n", encoding="utf-8")
+    return folder
+
+
+def candidate(tmp: Path, server: str, params: Params, base: Path, seed: int, gate: float, clear: float,
+              **report) -> str:
+    """Adapter + run + report -> registered version number."""
+    adapter = make_adapter(tmp / f"adapter-{seed}", base, seed)
+    make_run(server, params.train.mlflow.experiment, adapter)
+    rep = write_gate_report(tmp / f"report-{seed}", adapter, gate, clear, **report)
+    return register(params, adapter, rep).version
+
+
+def champion_of(server: str, name: str) -> str | None:
+    try:
+        return str(client_for(server).get_model_version_by_alias(name, CHAMPION).version)
+    except Exception:
+        return None
+
+
+def tags_of(server: str, name: str, version: str) -> dict[str, str]:
+    return client_for(server).get_model_version(name, version).tags
+
+
+def test_gate_worse_stays_out_better_wins_clear_guard_and_rollback(server, tiny_vit_checkpoint, tmp_path):
+    base = tiny_vit_checkpoint.path
+    params = params_for(server, "gate", base, gate={"margin": 0.5, "max_clear_drop": 1.0})
+
+    v1 = candidate(tmp_path, server, params, base, 1, gate=55.0, clear=70.0)
+    assert tags_of(server, "gate", v1)["gara.gate_score"] == "55.0000"
+    assert champion_of(server, "gate") is None  # registering alone never makes a champion
+    d1 = promote(params, v1)
+    assert d1.promoted and d1.compared_with == "base" and champion_of(server, "gate") == v1
+    assert tags_of(server, "gate", v1)["gara.decision"] == "promoted"
+
+    v2 = candidate(tmp_path, server, params, base, 2, gate=55.3, clear=71.0)  # below the margin
+    d2 = promote(params, v2)
+    assert not d2.promoted and champion_of(server, "gate") == v1
+    t2 = tags_of(server, "gate", v2)
+    assert t2["gara.decision"] == "rejected" and t2["gara.compared_with"] == f"version {v1}"
+    assert "55.30" in t2["gara.decision_reason"] and "55.00" in t2["gara.decision_reason"]
+    assert t2["gara.incumbent_gate_score"] == "55.0000" and t2["gara.challenger_gate_score"] == "55.3000"
+
+    v3 = candidate(tmp_path, server, params, base, 3, gate=60.0, clear=69.5)  # wins, small Clear loss
+    assert promote(params, v3).promoted and champion_of(server, "gate") == v3
+    assert tags_of(server, "gate", v3)["gara.previous_champion"] == v1
+    assert str(client_for(server).get_model_version_by_alias("gate", CHALLENGER).version) == v3
+
+    v4 = candidate(tmp_path, server, params, base, 4, gate=70.0, clear=60.0)  # wins Degrade, loses Clear
+    d4 = promote(params, v4)
+    assert not d4.promoted and champion_of(server, "gate") == v3
+    assert "clear.box.iou 60.00 is more than 1 below" in tags_of(server, "gate", v4)["gara.decision_reason"]
+
+    back = rollback(params)
+    assert (back.from_version, back.to_version) == (v3, v1) and champion_of(server, "gate") == v1
+    assert tags_of(server, "gate", v3)["gara.decision"] == "rolled_back"
+    with pytest.raises(PromotionError, match="replaced no earlier champion"):
+        rollback(params)  # v1 was the first champion
+
+
+def test_first_version_must_beat_the_frozen_base(server, tiny_vit_checkpoint, tmp_path):
+    base = tiny_vit_checkpoint.path
+    params = params_for(server, "first", base)
+    v = candidate(tmp_path, server, params, base, 1, gate=50.2, clear=70.0, base_scores=(50.0, 70.0))
+    decision = promote(params, v)
+    assert not decision.promoted and decision.compared_with == "base"
+    assert champion_of(server, "first") is None
+    assert "the frozen base's 50.00" in tags_of(server, "first", v)["gara.decision_reason"]
+
+
+def test_racing_promotions_end_with_the_better_challenger(server, tiny_vit_checkpoint, tmp_path):
+    base = tiny_vit_checkpoint.path
+    params = params_for(server, "race", base)
+    v0 = candidate(tmp_path, server, params, base, 0, gate=52.0, clear=70.0)
+    assert promote(params, v0).promoted
+    for round_ in range(2):
+        gate = 60.0 + 10 * round_
+        worse = candidate(tmp_path, server, params, base, 10 + 2 * round_, gate=gate, clear=70.0)
+        better = candidate(tmp_path, server, params, base, 11 + 2 * round_, gate=gate + 5, clear=70.0)
+        barrier, errors = threading.Barrier(2), []
+
+        def go(version: str, barrier=barrier, errors=errors) -> None:
+            try:
+                barrier.wait()
+                promote(params, version)
+            except Exception as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=go, args=(v,)) for v in (worse, better)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors
+        assert champion_of(server, "race") == better, f"round {round_}"
+        # The loser either lost to the better one, or won first and was then beaten by it.
+        worse_tags, better_tags = tags_of(server, "race", worse), tags_of(server, "race", better)
+        assert better_tags["gara.decision"] == "promoted"
+        if worse_tags["gara.decision"] == "rejected":
+            assert worse_tags["gara.compared_with"] == f"version {better}"
+        else:
+            assert better_tags["gara.previous_champion"] == worse
+
+
+def test_register_is_idempotent_and_refuses_mismatches(server, tiny_vit_checkpoint, tmp_path):
+    base = tiny_vit_checkpoint.path
+    params = params_for(server, "idem", base)
+    adapter = make_adapter(tmp_path / "a", base, 1)
+    make_run(server, params.train.mlflow.experiment, adapter)
+    report = write_gate_report(tmp_path / "r", adapter, 55.0, 70.0)
+    first, again = register(params, adapter, report), register(params, adapter, report)
+    assert first.created and not again.created and first.version == again.version
+
+    other = make_adapter(tmp_path / "b", base, 2)
+    make_run(server, params.train.mlflow.experiment, other)
+    with pytest.raises(RegistrationError, match="evaluate this adapter before registering"):
+        register(params, other, report)  # the report scored adapter a
+    with pytest.raises(RegistrationError, match="no model row 'lora'"):
+        register(params, adapter, report, candidate="lora")
+    (other / "run.json").unlink()
+    with pytest.raises(RegistrationError, match="run.json: missing"):
+        register(params, other, report)
+
+
+PULL_SCRIPT = """
+import json, sys
+import numpy as np
+import mlflow.pyfunc
+from gara.registry.model import make_request
+image = np.load(sys.argv[1])
+model = mlflow.pyfunc.load_model(sys.argv[2])
+out = model.predict(make_request(image, boxes=json.loads(sys.argv[3]))).iloc[0]
+np.savez(sys.argv[4], masks=out["masks"], scores=out["scores"])
+print(json.dumps(out["effective_rank"]))
+"""
+
+
+def test_pull_by_alias_in_a_fresh_process_matches_the_in_process_model(
+    server, mlflow_s3_server, s3_server, tiny_vit_checkpoint, tmp_path
+):
+    base = tiny_vit_checkpoint.path
+    params = params_for(server, "gara-sam-pull", base)
+    adapter = make_adapter(tmp_path / "adapter", base, 7)
+    make_run(server, params.train.mlflow.experiment, adapter)
+    version = register(params, adapter, write_gate_report(tmp_path / "report", adapter, 60.0, 71.0)).version
+    assert promote(params, version).promoted
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    boxes = [[10.0, 12.0, 60.0, 70.0], [50.0, 20.0, 110.0, 85.0]]
+    np.save(tmp_path / "image.npy", image)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
+    env["MLFLOW_TRACKING_URI"] = server  # no S3 credentials: artifacts come through the server
+    proc = subprocess.run(
+        [sys.executable, "-c", PULL_SCRIPT, str(tmp_path / "image.npy"), "models:/gara-sam-pull@champion",
+         json.dumps(boxes), str(tmp_path / "out.npz")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pulled = np.load(tmp_path / "out.npz")
+    local = load_adapted_segmenter(adapter)
+    with torch.inference_mode():
+        masks, scores = local.predict(image, Prompts(boxes=torch.tensor(boxes)))
+    assert pulled["masks"].shape == (2, 90, 120) and pulled["masks"].dtype == bool
+    np.testing.assert_array_equal(pulled["masks"], masks)
+    np.testing.assert_allclose(pulled["scores"], scores, rtol=1e-5, atol=1e-6)
+    ranks = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert ranks and all(0 <= r <= 12 for r in ranks.values())  # GaRA: per-block effective rank
+
+    # The version holds the adapter, not the base: measure what landed in the S3 bucket.
+    bucket = mlflow_s3_server[1]
+    mv = client_for(server).get_model_version("gara-sam-pull", version)
+    objects = s3_server.client().list_objects_v2(Bucket=bucket, Prefix="mlflow/")["Contents"]
+    model_id = mv.source.removeprefix("models:/")
+    model_objects = [o for o in objects if f"/models/{model_id}/" in o["Key"]]
+    model_bytes = sum(o["Size"] for o in model_objects)
+    adapter_bytes = (adapter / "adapter.safetensors").stat().st_size
+    base_bytes = base.stat().st_size
+    print(f"registered model {model_bytes} B, adapter weights {adapter_bytes} B, base {base_bytes} B")
+    assert any(o["Key"].endswith("adapter/adapter.safetensors") for o in model_objects)
+    assert adapter_bytes <= model_bytes <= adapter_bytes + 64 * 1024
+    assert model_bytes < base_bytes
+
+
+def test_base_location_is_configurable_and_a_tampered_base_is_refused(
+    server, s3_env, tiny_vit_checkpoint, tmp_path, monkeypatch
+):
+    import mlflow.pyfunc
+
+    original = tiny_vit_checkpoint.path
+    copy = tmp_path / "base-copy.pth"
+    copy.write_bytes(original.read_bytes())
+    params = params_for(server, "tamper", copy)
+    adapter = make_adapter(tmp_path / "adapter", copy, 3)
+    make_run(server, params.train.mlflow.experiment, adapter)
+    version = register(params, adapter, write_gate_report(tmp_path / "report", adapter, 60.0, 71.0)).version
+    uri = f"models:/tamper/{version}"
+
+    bucket = s3_env.new_bucket()
+    s3_env.client().upload_file(str(original), bucket, "sam/base.pth")
+    monkeypatch.setenv("GARA_S3_ENDPOINT_URL", s3_env.endpoint_url)
+    with active_store(server):
+        # The recorded base; an S3 copy chosen at load time; both verified by sha256.
+        assert mlflow.pyfunc.load_model(uri) is not None
+        from_s3 = mlflow.pyfunc.load_model(uri, model_config={"base_checkpoint": f"s3://{bucket}/sam/base.pth"})
+        image = np.full((40, 50, 3), 90, np.uint8)
+        out = from_s3.predict(make_request(image, boxes=[[5, 5, 30, 30]])).iloc[0]
+        assert out["masks"].shape == (1, 40, 50)
+
+        data = bytearray(copy.read_bytes())
+        data[-100] ^= 0xFF  # one flipped byte
+        copy.write_bytes(bytes(data))
+        with pytest.raises(ChecksumMismatchError, match=r"sha256 is [0-9a-f]{64}, expected"):
+            mlflow.pyfunc.load_model(uri)
+        monkeypatch.setenv("GARA_BASE_CHECKPOINT", str(original))  # the environment can point elsewhere
+        assert mlflow.pyfunc.load_model(uri) is not None
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_bad_predict_input_gets_a_clear_error(server, tiny_vit_checkpoint, tmp_path):
+    import mlflow.pyfunc
+
+    base = tiny_vit_checkpoint.path
+    params = params_for(server, "badinput", base)
+    adapter = make_adapter(tmp_path / "adapter", base, 4)
+    make_run(server, params.train.mlflow.experiment, adapter)
+    version = register(params, adapter, write_gate_report(tmp_path / "report", adapter, 60.0, 71.0)).version
+    with active_store(server):
+        model = mlflow.pyfunc.load_model(f"models:/badinput/{version}")
+    rgb = np.zeros((40, 50, 3), np.uint8)
+    cases = [
+        ({"image": _png(np.zeros((40, 50), np.uint8)), "boxes": [[1, 1, 9, 9]]},
+         r"row 0: image must be RGB .*mode L"),
+        ({"image": _png(rgb), "boxes": [[10, 10, 80, 30]]}, r"row 0: box 0 .* outside the 50x40 image"),
+        ({"image": _png(rgb), "boxes": []}, r"row 0: no prompts; give boxes and/or points"),
+        ({"image": _png(rgb), "boxes": [[1, 2, 3]]}, r"boxes must have shape \(K, 4\)"),
+        ({"image": b"not an image", "boxes": [[1, 1, 9, 9]]}, r"not a readable PNG/JPEG"),
+        ({"image": _png(rgb), "points": [[[5, 5]]]}, r"points need point_labels"),
+    ]
+    for request, message in cases:
+        with pytest.raises(PredictInputError, match=message):
+            model.unwrap_python_model().predict(None, request)
+    with pytest.raises(PredictInputError, match="RGB array of shape"):
+        make_request(np.zeros((40, 50, 4), np.uint8), boxes=[[1, 1, 9, 9]])
+    ok = model.predict(make_request(rgb, points=[[[10, 10], [30, 30]]], point_labels=[[1, 0]]))
+    assert ok.iloc[0]["masks"].shape == (1, 40, 50)
+
+
+def test_cli_predict_writes_masks_and_reports_bad_input_in_one_line(server, tiny_vit_checkpoint, tmp_path,
+                                                                   monkeypatch):
+    from typer.testing import CliRunner
+
+    from gara.cli import app
+
+    base = tiny_vit_checkpoint.path
+    params = params_for(server, "gara-sam", base)  # the default name: predict needs no --model
+    adapter = make_adapter(tmp_path / "adapter", base, 5)
+    make_run(server, params.train.mlflow.experiment, adapter)
+    version = register(params, adapter, write_gate_report(tmp_path / "report", adapter, 60.0, 71.0)).version
+    assert promote(params, version).promoted
+    pixels = np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "im.png")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: defaults + the environment's store
+    runner = CliRunner()
+    result = runner.invoke(app, ["predict", "--image", "im.png", "--box", "4,4,40,30", "--box", "20,10,60,44",
+                                 "--out", "mask.png"])
+    assert result.exit_code == 0, result.output
+    for k in (0, 1):
+        mask = np.asarray(Image.open(tmp_path / f"mask_{k}.png"))
+        assert mask.shape == (48, 64) and set(np.unique(mask)) <= {0, 255}
+    bad = runner.invoke(app, ["predict", "--image", "im.png", "--box", "4,4,400,30"])
+    assert bad.exit_code == 2 and "outside the 64x48 image" in bad.output
+    assert "Traceback" not in bad.output
+
+
+def test_champion_from_another_evaluation_set_is_rescored_not_compared_blindly(
+    server, tiny_vit_checkpoint, tmp_path
+):
+    base = tiny_vit_checkpoint.path
+    data = make_dataset(tmp_path / "val", 3, 5)
+    params = params_for(server, "rescore", base, gate={"margin": 0.0, "max_clear_drop": 100.0})
+    params.evaluate.data = str(data)
+    params.evaluate.prompts.kinds = ["box"]
+    champion = candidate(tmp_path, server, params, base, 1, gate=1.0, clear=1.0, base_scores=(0.0, 0.0),
+                         evaluation_set="an-older-set")
+    assert promote(params, champion).promoted
+
+    adapter = make_adapter(tmp_path / "challenger", base, 2)
+    make_run(server, params.train.mlflow.experiment, adapter)
+    models = resolve_models(["base", f"gara={adapter}"], params.model)
+    write_report(evaluate_models(models, data, params.evaluate, progress=False), tmp_path / "eval")
+    challenger = register(params, adapter, tmp_path / "eval").version
+
+    with pytest.raises(PromotionError, match="not comparable"):
+        promote(params, challenger)  # without a way to re-score, no blind comparison
+    decision = promote(params, challenger, rescore=evaluation_rescorer(params))
+    assert "re-scored on set" in decision.compared_with
+    # The champion's real score on the new set, not the 1.0 its old report claimed.
+    assert decision.incumbent_gate != 1.0
