@@ -1,4 +1,4 @@
-"""Adapter cost benchmark: frozen vs LoRA r16 vs LoRA r256 vs GaRA.
+"""Adapter cost benchmark: frozen vs LoRA r16 vs LoRA r256 vs GaRA (+ Adaptformer and COBOT variants).
 
 Prints, per backbone, the evaluation forward time (ratio to frozen) and the training step
 time (forward + backward + Adam step; ratio to LoRA r256), with peak memory. Each variant
@@ -26,6 +26,9 @@ VARIANTS = {
     "lora_r16": {"kind": "lora", "rank": 16},
     "lora_r256": {"kind": "lora", "rank": 256},
     "gara": {"kind": "gara"},
+    "adaptformer": {"kind": "adaptformer"},
+    "lora_r16_cobot": {"kind": "lora", "rank": 16, "cobot": True},
+    "gara_cobot": {"kind": "gara", "cobot": True},
 }
 
 
@@ -138,7 +141,7 @@ def main() -> None:
         frozen, r256 = rows["frozen"], rows["lora_r256"]
         print(f"\n{backbone}  device={args['device']} batch={args['batch']} bf16={args['bf16']}")
         header = ("variant", "eval s", "x frozen", "train s", "x r256", "peak MiB")
-        print("{:<10} {:>8} {:>9} {:>8} {:>7} {:>9}  note".format(*header))
+        print("{:<14} {:>8} {:>9} {:>8} {:>7} {:>9}  note".format(*header))
         for name, row in rows.items():
             train = row.get("train_s")
             peak = row.get("train_peak_mib", row.get("eval_peak_mib", row["peak_rss_growth_mib"]))
@@ -147,7 +150,7 @@ def main() -> None:
             train_s = f"{train:8.4f}" if train else "       -"
             train_x = f"{train / r256['train_s']:7.3f}" if train else "      -"
             eval_x = row["eval_s"] / frozen["eval_s"]
-            print(f"{name:<10} {row['eval_s']:8.4f} {eval_x:9.3f} {train_s} {train_x} {peak:9.1f}  {note}")
+            print(f"{name:<14} {row['eval_s']:8.4f} {eval_x:9.3f} {train_s} {train_x} {peak:9.1f}  {note}")
     if args["json"]:
         with open(args["json"], "w") as f:
             json.dump(results, f, indent=2)

@@ -45,11 +45,12 @@ app.add_typer(data_app, name="data")
 @app.command()
 def info(
     backbone: str = typer.Option("lite_medsam", help="Backbone name (see `gara backbones`)."),
-    adapter: str = typer.Option("gara", help="Adapter kind: gara, lora, or none."),
-    rank: int | None = typer.Option(None, help="LoRA rank (default 16)."),
+    adapter: str = typer.Option("gara", help="Adapter kind: gara, lora, adaptformer, or none."),
+    rank: int | None = typer.Option(None, help="LoRA / Adaptformer rank (default 16)."),
     low_rank: int | None = typer.Option(None, help="GaRA low rank space r_L (default 16)."),
     high_rank: int | None = typer.Option(None, help="GaRA high rank space r_H (default 256)."),
     targets: str | None = typer.Option(None, help="Projections to adapt, e.g. q,v (default q,k,v)."),
+    cobot: bool = typer.Option(False, "--cobot", help="Add SAM-COBOT (reported as cobot_params)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Parameter report: total, trainable, and per adapted layer (built without weights)."""
@@ -60,9 +61,15 @@ def info(
     from gara.models.factory import build_segmenter
     from gara.models.inject import parameter_report
 
-    if adapter not in ("gara", "lora", "none"):
-        raise typer.BadParameter(f"{adapter!r}: choose gara, lora or none", param_hint="--adapter")
-    fields = {"rank": rank, "low_rank": low_rank, "high_rank": high_rank}
+    if adapter not in ("gara", "lora", "adaptformer", "none"):
+        raise typer.BadParameter(f"{adapter!r}: choose gara, lora, adaptformer or none",
+                                 param_hint="--adapter")
+    if cobot and adapter == "none":
+        raise typer.BadParameter("COBOT plugs into an adapter: choose one with --adapter",
+                                 param_hint="--cobot")
+    if targets and adapter == "adaptformer":
+        raise typer.BadParameter("adaptformer adapts whole MLP blocks, not q/k/v", param_hint="--targets")
+    fields = {"rank": rank, "low_rank": low_rank, "high_rank": high_rank, "cobot": cobot}
     fields = {k: v for k, v in fields.items() if v is not None}
     if targets:
         fields["projections"] = [t.strip() for t in targets.split(",") if t.strip()]
@@ -76,10 +83,12 @@ def info(
     typer.echo(f"backbone {backbone}, adapter {adapter}")
     typer.echo(f"  total params     {report['total_params']:>13,}")
     typer.echo(f"  trainable params {report['trainable_params']:>13,}")
+    if cobot:
+        typer.echo(f"  of which COBOT   {report['cobot_params']:>13,}  ({report['cobot_units']} units)")
     for row in report["adapted_layers"]:
         ranks = "/".join(str(r) for r in row["ranks"])
         parts = ",".join(row["parts"])
-        typer.echo(f"  {row['name']:<48} {row['kind']:<5} r={ranks:<7} {parts:<6} {row['params']:>10,}")
+        typer.echo(f"  {row['name']:<48} {row['kind']:<11} r={ranks:<7} {parts:<6} {row['params']:>10,}")
 
 
 @app.command()

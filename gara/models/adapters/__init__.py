@@ -1,1 +1,1 @@
-"""Adapters on frozen Linear layers: LoRA and GaRA (gated-rank adaptation)."""
+"""Adapters on a frozen SAM encoder: LoRA, GaRA (gated-rank), Adaptformer, and the COBOT plug-in."""

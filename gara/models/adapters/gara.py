@@ -14,6 +14,10 @@ a gate decision is just a per-input coefficient c = [(1 - z_space) z_L, z_space 
 Training computes every component (the space gate's straight-through gradient needs the
 branch not taken); evaluation computes, per group of inputs that chose the same space,
 only the components switched on in that group.
+
+With ``cobot=True`` each rank space of each projection is one COBOT unit and the gates act
+before the quaternion head: dW(x) = B W_h^T (c * (c_l + gamma_l) * A x), W_h block-diagonal
+over the two spaces. Why, and why evaluation stays exact: see cobot.py.
 """
 
 from __future__ import annotations
@@ -39,8 +43,10 @@ class GaRALinear(LowRankAdapterLinear):
         component_gate_hidden: int = 16,
         tau: float = 0.5,
         scale: float = 1.0,
+        cobot: bool = False,
     ):
-        super().__init__(base, layout, rank=low_rank + high_rank, scale=scale)
+        spaces = (low_rank, high_rank) if cobot else None
+        super().__init__(base, layout, rank=low_rank + high_rank, scale=scale, cobot_spaces=spaces)
         self.low_rank, self.high_rank, self.tau = low_rank, high_rank, tau
         c = base.in_features
         self.space_gate = GateMLP(c, space_gate_hidden, 1, n_layers=2)
@@ -50,6 +56,10 @@ class GaRALinear(LowRankAdapterLinear):
         # the method's signature, the effective rank.
         self.last_space: torch.Tensor | None = None
         self.last_active: torch.Tensor | None = None
+
+    @property
+    def ranks(self) -> list[int]:
+        return [self.low_rank, self.high_rank]
 
     def gate_coefficients(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """pooled (N, C) -> (coefficients (N, r_L + r_H), space decision (N,))."""
@@ -74,7 +84,11 @@ class GaRALinear(LowRankAdapterLinear):
     def _add_selected(
         self, out: torch.Tensor, x: torch.Tensor, coeff: torch.Tensor, space: torch.Tensor
     ) -> None:
-        """Evaluation: per space, compute only the components active for those inputs."""
+        """Evaluation: per space, compute only the components active for those inputs.
+
+        Exact with COBOT too: COBOT is folded into A' and B' (``factors``), where component i
+        is still row i of A' and column i of B', so leaving out an inactive one drops a zero."""
+        factors = self.factors()
         high = space > 0.5
         groups = [None] if bool(high.all()) or not bool(high.any()) else [~high, high]
         for rows in groups:
@@ -84,10 +98,10 @@ class GaRALinear(LowRankAdapterLinear):
                 continue
             c = c.index_select(1, components)
             if rows is None:
-                self._add_low_rank(out, x, c, components)
+                self._add_low_rank(out, x, c, components, factors)
             else:
                 sub = out[rows]
-                self._add_low_rank(sub, x[rows], c, components)
+                self._add_low_rank(sub, x[rows], c, components, factors)
                 out[rows] = sub
 
 

@@ -3,7 +3,8 @@
 For each adapted part p (q, k, v, or the whole output) the update is
 ``delta_p(x) = scale * B_p diag(c) A_p x`` with A_p (R, in) and B_p (out_p, R). LoRA uses
 c = 1; GaRA computes c per input from its gates. All parts' A are kept in one tensor so
-the down-projection of every path is a single matmul.
+the down-projection of every path is a single matmul. With COBOT (cobot.py) the forward uses
+folded factors A' = diag(c_l + gamma_l) A and B'_p = B_p W_h^T instead of A and B_p.
 """
 
 from __future__ import annotations
@@ -13,19 +14,29 @@ import math
 import torch
 from torch import nn
 
+from gara.models.adapters.cobot import CobotUnits
+from gara.models.adapters.layer import AdapterLayer
 from gara.models.adapters.projections import ProjectionLayout
 
 
-class LowRankAdapterLinear(nn.Module):
-    """Wraps a frozen ``nn.Linear``; subclasses decide the per-input coefficients."""
+class LowRankAdapterLinear(AdapterLayer):
+    """Wraps a frozen ``nn.Linear``; subclasses decide the per-input coefficients.
+
+    ``cobot_spaces``: the rank spaces that become COBOT units for every part (LoRA: (rank,),
+    GaRA: (r_L, r_H)); None = no COBOT.
+    """
 
     adapter_kind = "lowrank"
 
-    def __init__(self, base: nn.Linear, layout: ProjectionLayout, rank: int, scale: float = 1.0):
-        super().__init__()
-        self.base = base
-        for p in self.base.parameters():
-            p.requires_grad_(False)
+    def __init__(
+        self,
+        base: nn.Linear,
+        layout: ProjectionLayout,
+        rank: int,
+        scale: float = 1.0,
+        cobot_spaces: tuple[int, ...] | None = None,
+    ):
+        super().__init__(base)
         self.layout = layout
         self.part_names = tuple(layout.parts)
         self.rank = rank
@@ -40,6 +51,10 @@ class LowRankAdapterLinear(nn.Module):
         self.lora_B = nn.ParameterDict(
             {p: nn.Parameter(torch.zeros(layout.size(p), rank)) for p in self.part_names}
         )
+        if cobot_spaces is not None:
+            if sum(cobot_spaces) != rank:
+                raise ValueError(f"COBOT spaces {cobot_spaces} do not add up to rank {rank}")
+            self.cobot = CobotUnits(len(self.part_names), cobot_spaces)
 
     @property
     def in_features(self) -> int:
@@ -57,36 +72,47 @@ class LowRankAdapterLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
+    def factors(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(A (parts, R, in), [B_p (out_p, R)]) as the forward uses them.
+
+        With COBOT, u = g * (c_l + gamma_l) * A x and delta = B W_h^T u: both element-wise
+        factors commute with the per-input gates g, so COBOT folds into the weights once per
+        forward (cheaper than mixing every token's bottleneck when tokens outnumber outputs).
+        """
+        a, up = self.lora_A, [self.lora_B[p] for p in self.part_names]
+        if self.cobot is not None:
+            a = a * self.cobot.scales()[:, :, None]
+            up = self.cobot.fold_into_up(up)
+        return a, up
+
     def _add_low_rank(
         self,
         out: torch.Tensor,
         x: torch.Tensor,
         coeff: torch.Tensor | None,
         components: torch.Tensor | None = None,
+        factors: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
     ) -> None:
         """out += delta(x), in place.
 
         x: (N, T, in), out: (N, T, out). coeff: (N, R') per-input weights of the components
         (None = all ones). components: indices of the R' components to compute (None = all).
+        factors: ``self.factors()`` when the caller already has them.
         """
         n, t, _ = x.shape
         n_parts = len(self.part_names)
-        a = self.lora_A if components is None else self.lora_A.index_select(1, components)
+        a, up = factors if factors is not None else self.factors()
+        a = a if components is None else a.index_select(1, components)
         r = a.shape[1]
         z = (x @ a.reshape(n_parts * r, -1).T).view(n, t, n_parts, r)
         if coeff is None:
             z = z * self.scale if self.scale != 1.0 else z
         else:
             z = z * (coeff * self.scale)[:, None, None, :]
-        for i, part in enumerate(self.part_names):
-            b = self.lora_B[part]
+        for i, (part, b) in enumerate(zip(self.part_names, up, strict=True)):
             if components is not None:
                 b = b.index_select(1, components)
             self.layout.add_into(out, part, z[:, :, i] @ b.T)
-
-    def adapter_parameters(self) -> dict[str, nn.Parameter]:
-        """This layer's own trainable tensors (not the frozen base)."""
-        return {n: p for n, p in self.named_parameters() if not n.startswith("base.")}
 
     def extra_repr(self) -> str:
         return f"parts={self.part_names}, rank={self.rank}, scale={self.scale}"
