@@ -54,3 +54,18 @@ lock: env
 
 clean-env:
 	rm -rf $(VENV)
+
+# Local stack (infra/README.md): S3 (moto, in memory), MLflow, Prefect and a Ray head on
+# 127.0.0.1; `source .stack/env.sh` afterwards. `down` stops exactly what `up` started.
+.PHONY: stack-up stack-down stack-status image
+stack-up: env
+	$(BIN)/python infra/local/stack.py up --state-dir .stack
+stack-down:
+	$(BIN)/python infra/local/stack.py down --state-dir .stack
+stack-status:
+	$(BIN)/python infra/local/stack.py status --state-dir .stack
+
+# The one cluster image (infra/docker/Dockerfile; name and tag from infra/contract.yaml).
+IMAGE ?= ghcr.io/example-org/gara-sam:0.1.0
+image:
+	docker build -f infra/docker/Dockerfile -t $(IMAGE) .

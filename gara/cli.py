@@ -231,8 +231,7 @@ def evaluate(
 ) -> None:
     """IoU / Dice per corruption x severity x prompt kind; metrics.json, report.md, plots."""
     from gara.config import load_params
-    from gara.evaluate.report import format_summary, write_report
-    from gara.evaluate.runner import evaluate_models, resolve_models
+    from gara.evaluate.report import evaluate_to_report, format_summary
 
     overrides: dict = {"evaluate.data": data, "evaluate.out": out, "evaluate.max_images": max_images}
     overrides["evaluate.types"] = None if types is None else _split_list(types)
@@ -240,14 +239,12 @@ def evaluate(
     if params is not None and not params.is_file():
         raise FileNotFoundError(f"params file {params} does not exist")
     loaded = load_params(params or "params.yaml", {k: v for k, v in overrides.items() if v is not None})
-    config = loaded.evaluate
-    models = resolve_models(model, loaded.model, loaded.train.mlflow.tracking_uri)
-    result = evaluate_models(models, config.data, config, progress=progress)
-    metrics = write_report(result, config.out)
+    metrics, result = evaluate_to_report(loaded, model, progress=progress)
+    images, seconds = len(result.images), result.seconds
     typer.echo(format_summary(metrics))
     typer.echo(
-        f"{config.out}: {len(result.images)} images x {len(models)} models in {result.seconds:.1f} s "
-        f"({result.seconds / max(1, len(result.images)):.2f} s/image); primary {result.primary}"
+        f"{loaded.evaluate.out}: {images} images x {len(result.models)} models in {seconds:.1f} s "
+        f"({seconds / max(1, images):.2f} s/image); primary {result.primary}"
     )
 
 

@@ -93,48 +93,34 @@ def mlflow_db_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.contextmanager
-def running_mlflow_server(
-    root: Path, template: Path, artifacts_destination: str, env: dict[str, str] | None = None
-) -> Iterator[str]:
-    """``mlflow server`` on 127.0.0.1 over a copy of ``template``, proxying artifacts to
-    ``artifacts_destination`` (a folder or s3:// URL); yields its URL and stops it after."""
-    import shutil
+def running_server(cmd: list[str], health_url: str, log_path: Path, env: dict[str, str] | None = None,
+                   timeout: float = 120) -> Iterator[None]:
+    """Start ``cmd`` in its own process group, wait until ``health_url`` answers 200, and stop
+    the whole group (the server and any worker it spawned, nothing else) afterwards."""
     import signal
     import subprocess
-    import sys
     import time
     import urllib.request
 
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(template, root / "mlflow.db")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [
-        str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
-        "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-        "--artifacts-destination", artifacts_destination,
-    ]
-    log_path = root / "server.log"
     log = log_path.open("wb")
-    # Own process group: stopping it also stops the uvicorn worker it spawns, and nothing else.
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, **(env or {})})
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited ({proc.returncode}): "
+                raise RuntimeError(f"{cmd[0]} exited ({proc.returncode}): "
                                    f"{log_path.read_text(errors='replace')[-2000:]}")
             try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                with urllib.request.urlopen(health_url, timeout=2) as response:
                     if response.status == 200:
                         break
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server on {url} did not answer /health within 90 s")
+                raise RuntimeError(f"{health_url} did not answer within {timeout:.0f} s (log: {log_path})")
             time.sleep(0.5)
-        yield url
+        yield
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -144,6 +130,33 @@ def running_mlflow_server(
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=15)
         log.close()
+
+
+@contextlib.contextmanager
+def running_mlflow_server(
+    root: Path, template: Path, artifacts_destination: str, env: dict[str, str] | None = None,
+    proxy_artifacts: bool = True,
+) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1 over a copy of ``template``; yields its URL, stops it after.
+
+    Artifacts go to ``artifacts_destination`` (a folder or s3:// URL) through the server's proxy,
+    or, with ``proxy_artifacts=False``, straight from each client (which then needs the store's
+    credentials and MLFLOW_S3_ENDPOINT_URL)."""
+    import shutil
+    import sys
+
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, root / "mlflow.db")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [
+        str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+        "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+        *(["--artifacts-destination", artifacts_destination] if proxy_artifacts else
+          ["--default-artifact-root", artifacts_destination, "--no-serve-artifacts"]),
+    ]
+    with running_server(cmd, f"{url}/health", root / "server.log", env, timeout=90):
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -166,6 +179,26 @@ def mlflow_s3_server(
     root = tmp_path_factory.mktemp("mlflow-s3-server")
     with running_mlflow_server(root, mlflow_db_template, f"s3://{bucket}/mlflow", env) as url:
         yield url, bucket
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real ``prefect server`` on 127.0.0.1 (its own PREFECT_HOME; scheduler on). Yields the
+    environment a client needs (PREFECT_API_URL, PREFECT_HOME)."""
+    import sys
+
+    root = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = {
+        "PREFECT_HOME": str(root / "home"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    cmd = [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1",
+           "--port", str(port)]
+    with running_server(cmd, f"{env['PREFECT_API_URL']}/health", root / "server.log", env):
+        yield env
 
 
 @dataclass

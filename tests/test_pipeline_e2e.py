@@ -71,3 +71,24 @@ def test_gara_beats_the_frozen_base_on_degraded_images(clone: Path, env: dict[st
     assert metrics["primary"] == "gara" and metrics["summary"] == gara
     assert gara["degrade"]["box"]["iou"] > base["degrade"]["box"]["iou"]
     assert gara["clear"]["box"]["iou"] >= base["clear"]["box"]["iou"] - 1.0
+
+    # Register and gate it in the repo's own store, then pull it as a teammate would: from the
+    # repository root with no configuration (gara predict finds mlflow.db by itself).
+    gara_cli = [sys.executable, "-m", "gara.cli"]
+    registered, promotion = clone / "reports" / "registered.json", clone / "reports" / "promotion.json"
+    _run([*gara_cli, "register", "--adapter", str(adapter), "--report", str(out), "--out", str(registered)],
+         clone, env)
+    _run([*gara_cli, "promote", "--registered", str(registered), "--out", str(promotion)], clone, env)
+    decision = json.loads(promotion.read_text())
+    wins = gara["degrade"]["box"]["iou"] >= base["degrade"]["box"]["iou"] + 0.5 and (
+        gara["clear"]["box"]["iou"] >= base["clear"]["box"]["iou"] - 1.0)
+    assert decision["compared_with"] == "base" and decision["promoted"] == wins, decision
+
+    coco = json.loads((clone / "data" / "val" / "annotations.json").read_text())
+    image = coco["images"][0]
+    x, y, w, h = next(a["bbox"] for a in coco["annotations"] if a["image_id"] == image["id"])
+    model = [] if wins else ["--model", "models:/gara-sam@challenger"]
+    box = f"{x},{y},{x + w},{y + h}"
+    _run([*gara_cli, "predict", "--image", f"data/val/{image['file_name']}", "--box", box,
+          "--out", "mask.png", *model], clone, env)
+    assert (clone / "mask.png").stat().st_size > 0

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gara.config import Params
 from gara.data.corrupt import CLEAN
 from gara.data.corruptions import CORRUPTION_NAMES
 from gara.data.prompts import PROMPT_KINDS
@@ -407,3 +408,16 @@ def write_report(result: EvaluationResult, out: str | Path) -> dict[str, Any]:
     atomic_write_text(out / "report.md", render_markdown(metrics, result))
     atomic_write_json(out / "metrics.json", metrics)  # last: its presence means a complete report
     return metrics
+
+
+def evaluate_to_report(
+    params: Params, model_specs: Sequence[str], progress: bool = True
+) -> tuple[dict[str, Any], EvaluationResult]:
+    """What ``gara evaluate`` does (and the retrain flow): resolve the ``--model`` specs, score
+    them on ``params.evaluate``, write the report into ``evaluate.out``; returns (metrics, result)."""
+    from gara.evaluate.runner import evaluate_models, resolve_models
+
+    config = params.evaluate
+    models = resolve_models(model_specs, params.model, params.train.mlflow.tracking_uri)
+    result = evaluate_models(models, config.data, config, progress=progress)
+    return write_report(result, config.out), result

@@ -142,8 +142,11 @@ def _start_ray(params: Params) -> bool:
     if ray.is_initialized():
         return False
     train = params.train
-    if train.ray_address:
-        ray.init(address=train.ray_address)
+    # An existing cluster: train.ray_address, else Ray's own RAY_ADDRESS (the local stack's
+    # env.sh, KubeRay pods). Joining one takes no resource arguments.
+    address = train.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
     else:
         ray.init(
             num_cpus=max(2, train.num_workers),
