@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+# Training + evaluating LiteMedSAM on 2 CPU cores takes minutes: above the suite's per-test limit.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 1500) -> str:
