@@ -60,12 +60,53 @@ class Skipped:
     reason: str
 
 
+class AnnotatedImages:
+    """What every dataset kind holds once its annotation file is checked: the kept image
+    entries, in order, and each one's annotations. Subclasses turn one into a sample."""
+
+    root: Path
+    _entries: list[dict[str, Any]]
+    _annotations: dict[Any, list[dict[str, Any]]]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _load(self, index: int) -> tuple[dict[str, Any], np.ndarray, list[dict[str, Any]]]:
+        """(entry, RGB image, annotations) of sample ``index``."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples in {self.root}")
+        entry = self._entries[index]
+        return entry, read_entry_image(self.root, entry), self._annotations[entry["id"]]
+
+
+def read_entry_image(root: Path, entry: dict[str, Any]) -> np.ndarray:
+    """The RGB image of a (validated) image entry; its size must still match the entry."""
+    path = root / entry["file_name"]
+    image = read_image(path)
+    height, width = image.shape[:2]
+    if (height, width) != (entry["height"], entry["width"]):
+        # The file changed since validation: fail loudly rather than mis-align labels.
+        raise OSError(f"{path}: image is now {width}x{height}, entry says {entry['width']}x{entry['height']}")
+    return image
+
+
+def instance_fields(entry: dict[str, Any], anns: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sample fields every dataset kind shares: ids, crowd flags, file name, extra metadata."""
+    return {
+        "ann_ids": np.array([a["id"] for a in anns], dtype=np.int64),
+        "iscrowd": np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool),
+        "image_id": int(entry["id"]),
+        "file_name": str(entry["file_name"]),
+        "meta": {k: v for k, v in entry.items() if k not in STANDARD_IMAGE_KEYS},
+    }
+
+
 def collate_samples(batch: list[Sample]) -> list[Sample]:
     """DataLoader ``collate_fn``: keep the batch as a list (instance counts differ)."""
     return list(batch)
 
 
-class InstanceDataset:
+class InstanceDataset(AnnotatedImages):
     """Images with instance masks from a dataset folder (``annotations.json`` + images).
 
     ``on_error="fail"`` raises :class:`DatasetValidationError` listing every problem;
@@ -137,21 +178,9 @@ class InstanceDataset:
     def problem_report(self) -> str:
         return format_problems(self.problems)
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def __getitem__(self, index: int) -> Sample:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} samples in {self.root}")
-        entry = self._entries[index]
-        path = self.root / entry["file_name"]
-        image = read_image(path)
+        entry, image, anns = self._load(index)
         height, width = image.shape[:2]
-        if (height, width) != (entry["height"], entry["width"]):
-            # The file changed since validation: fail loudly rather than mis-align masks.
-            raise OSError(f"{path}: image is now {width}x{height}, entry says "
-                          f"{entry['width']}x{entry['height']}")
-        anns = self._annotations[entry["id"]]
         masks = np.zeros((len(anns), height, width), dtype=bool)
         boxes = np.zeros((len(anns), 4), dtype=np.float32)
         for k, ann in enumerate(anns):
@@ -163,11 +192,7 @@ class InstanceDataset:
             masks=masks,
             boxes=boxes,
             category_ids=np.array([a["category_id"] for a in anns], dtype=np.int64),
-            ann_ids=np.array([a["id"] for a in anns], dtype=np.int64),
-            iscrowd=np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool),
-            image_id=int(entry["id"]),
-            file_name=str(entry["file_name"]),
-            meta={k: v for k, v in entry.items() if k not in STANDARD_IMAGE_KEYS},
+            **instance_fields(entry, anns),
         )
 
     def __repr__(self) -> str:

@@ -56,12 +56,19 @@ def usable_instances(sample: Sample) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
-def choose_instances(sample: Sample, max_instances: int, seed: int, epoch: int) -> np.ndarray:
-    idx = usable_instances(sample)
+def at_most(
+    idx: np.ndarray, max_instances: int, stream: str, seed: int, epoch: int, image_id: int
+) -> np.ndarray:
+    """``idx`` itself, or a sorted draw of ``max_instances`` of them seeded by (stream, seed,
+    epoch, image id)."""
     if len(idx) > max_instances:
-        rng = seeded_rng("instances", seed, epoch, sample["image_id"])
+        rng = seeded_rng(stream, seed, epoch, image_id)
         idx = np.sort(rng.choice(idx, size=max_instances, replace=False))
     return idx
+
+
+def choose_instances(sample: Sample, max_instances: int, seed: int, epoch: int) -> np.ndarray:
+    return at_most(usable_instances(sample), max_instances, "instances", seed, epoch, sample["image_id"])
 
 
 def choose_kind(kinds: list[str], seed: int, epoch: int, image_id: int) -> str:
