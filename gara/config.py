@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gara.models.adapters.config import AdapterConfig
 
@@ -55,6 +55,34 @@ class PromptConfig(BaseModel):
     max_instances: int = Field(8, ge=1)  # instances per image per step (training)
 
 
+class WeSAMConfig(BaseModel):
+    """The ``train.wesam`` section: weakly supervised self-training (shared/methods/wesam.md).
+
+    Prompts come from weak labels only (gara/data/weak_labels.py), never from masks. Each loss
+    term has a weight; 0 (or ``false``) switches it off, so the paper's ablation is three
+    overrides. Instances per image per step: ``train.prompts.max_instances``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # One kind drawn per image per step: box (the annotation's bbox), point (n_points positive
+    # + n_points negative clicks), polygon (the box around a coarse polygon).
+    weak_labels: list[Literal["box", "point", "polygon"]] = Field(
+        default_factory=lambda: ["box"], min_length=1)
+    n_points: int = Field(5, ge=1)
+    self_training: float = Field(1.0, ge=0)  # 20 focal + dice + IoU MSE to the teacher's pseudo-labels
+    anchor: float = Field(1.0, ge=0)  # dice to the frozen base's masks, through student and teacher
+    contrastive: float = Field(1.0, ge=0)  # per-instance InfoNCE, teacher vs anchor prototypes
+    tau: float = Field(0.3, gt=0)  # InfoNCE temperature
+    warmup_steps: int = Field(0, ge=0)  # linear lr warm-up (paper: 250)
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> WeSAMConfig:
+        if not (self.self_training or self.anchor or self.contrastive):
+            raise ValueError("self_training, anchor and contrastive are all 0: nothing to train")
+        return self
+
+
 class MlflowConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -69,6 +97,9 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # supervised: GT masks -> prompts and targets (GaRA's recipe); wesam: weak labels only,
+    # self-training with an anchor (train.wesam).
+    method: Literal["supervised", "wesam"] = "supervised"
     data: str = "artifacts/corrupted/train"
     val_data: str = "artifacts/corrupted/val"
     out: str = "artifacts/adapter"
@@ -97,6 +128,7 @@ class TrainConfig(BaseModel):
     checkpoints_to_keep: int = Field(2, ge=1)  # Ray keeps the latest N epoch checkpoints
     loader_workers: int = Field(0, ge=0)  # DataLoader processes per Ray worker (0: in-process)
     object_store_mb: int = Field(256, ge=64)  # object store of a local Ray cluster we start
+    wesam: WeSAMConfig = Field(default_factory=WeSAMConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
 

@@ -300,3 +300,33 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny, mlflo
     assert epochs == [1.0, 2.0]  # each epoch finished (and was logged) exactly once
     assert client.get_run(result.run_id).info.status == "FINISHED"
     load_adapted_segmenter(result.adapter_dir)
+
+
+def test_wesam_trains_through_ray_from_boxes_only(ray_cluster, tiny, mlflow_server, tmp_path):
+    """train.method=wesam under the same launcher, loop and MLflow run: the training data keeps
+    its boxes and loses every mask (decoding one would fail the run), the three loss terms are
+    logged, and the output is a normal adapter folder."""
+    from mlflow import MlflowClient
+
+    from gara.config import parse_params
+    from gara.data.coco import read_coco
+    from gara.train.launcher import train
+
+    coco = read_coco(tiny["train"])
+    boxes = tmp_path / "boxes"
+    boxes.mkdir()
+    (boxes / "images").symlink_to(tiny["train"] / "images", target_is_directory=True)
+    write_coco(boxes, {**coco, "annotations": [{k: v for k, v in a.items() if k != "segmentation"}
+                                               for a in coco["annotations"]]})
+    raw = tiny_params(tiny, tmp_path, mlflow_server, data=str(boxes), method="wesam", epochs=1,
+                      wesam={"weak_labels": ["box"]})
+    result = train(parse_params(raw))
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["train_method"] == "wesam"
+    assert run.data.params["train.method"] == "wesam" and run.data.params["train.wesam.tau"] == "0.3"
+    for key in ("loss", "loss/self", "loss/anchor", "loss/contrast", "pseudo_label_iou"):
+        assert len(client.get_metric_history(result.run_id, key)) == 2, key  # 8 images / batch 4
+    assert "loss/focal" not in run.data.metrics  # the supervised terms belong to the other method
+    assert len(client.get_metric_history(result.run_id, "val_iou")) == 1
+    load_adapted_segmenter(result.adapter_dir)

@@ -108,6 +108,7 @@ def lineage_tags(params: Params, root: Path, ray_run_name: str) -> dict[str, str
         "corruption_set": corruption_set(params.train.data),
         "backbone": params.model.backbone,
         "adapter_kind": params.model.adapter.kind,
+        "train_method": params.train.method,
         "train_data": params.train.data,
         "ray_run_name": ray_run_name,
     }

@@ -4,6 +4,8 @@
 ``train`` (the params sections, paths already absolute), ``mlflow`` (tracking URI + run id
 of the run the driver created, or None) and an optional ``fault_injection`` (tests).
 
+The training method (``train.method``: ``supervised``, or ``wesam``, gara/train/wesam.py) is
+chosen once and brings its dataset, the module DDP wraps, batches and step; the rest is shared.
 Per worker: frozen base + fresh adapter, DDP over the adapter parameters (gloo on CPU,
 NCCL on GPU), a seeded DistributedSampler shard of the training set, Adam, grad clipping,
 optional bf16/fp16 autocast (GPU, or bf16 on a CPU that runs it natively). Every epoch:
@@ -41,7 +43,9 @@ from gara.models.segmenter import Segmenter
 from gara.seeding import derive_seed
 from gara.train.batches import TrainBatch, build_batch
 from gara.train.losses import LossTerms, LossWeights, segmentation_loss
+from gara.train.optim import apply_gradients
 from gara.train.validation import quick_validation, validation_indices
+from gara.train.wesam import WeSAM
 
 ADAPTER_DIR = "adapter"  # inside a Ray checkpoint
 STATE_FILE = "train_state.pt"  # optimizer state + counters, loaded with weights_only=True
@@ -86,22 +90,45 @@ def train_step(
         out = model(batch.images, batch.prompts)
     terms = segmentation_loss(out.low_res_logits, out.iou_predictions, batch.targets, batch.regions, weights)
     loss = terms.total if batch.has_instances else terms.total * 0.0
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    if grad_clip is not None:
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    apply_gradients(loss, optimizer, grad_clip, scaler)
     ranks = {k: float(v.mean()) for k, v in effective_ranks(segmenter, batch.num_images).items()}
     return terms, ranks
+
+
+class Supervised:
+    """GaRA's recipe as a training method of this loop: GT masks give prompts and targets;
+    20 focal + dice + IoU MSE. (WeSAM, its sibling, lives in gara/train/wesam.py.)"""
+
+    def __init__(self, train: TrainConfig, segmenter: Segmenter):
+        self.train, self.segmenter = train, segmenter
+        self.module = segmenter  # what DDP wraps
+        self.dataset = InstanceDataset(train.data, on_error=train.on_error)
+        self.weights = loss_weights(train)
+
+    def batch(self, samples: list, epoch: int) -> TrainBatch:
+        return build_batch(self.segmenter, samples, self.train.prompts, self.train.seed, epoch)
+
+    def step(
+        self,
+        model: torch.nn.Module,
+        batch: TrainBatch,
+        optimizer: torch.optim.Optimizer,
+        autocast: torch.autocast | None,
+        scaler: torch.amp.GradScaler | None,
+        step: int,
+    ) -> tuple[float, dict[str, float], dict[str, float]]:
+        """(loss, step metrics, effective ranks)."""
+        terms, ranks = train_step(model, self.segmenter, batch, optimizer, self.weights, self.train.grad_clip,
+                                  autocast, scaler)
+        metrics = {"loss/focal": terms.focal, "loss/dice": terms.dice, "loss/iou_mse": terms.iou_mse,
+                   "train_iou": terms.iou}
+        return float(terms.total.detach()), metrics, ranks
+
+
+def training_method(train: TrainConfig, segmenter: Segmenter) -> Supervised | WeSAM:
+    """The method ``train.method`` names, chosen once: its dataset, the module DDP wraps, and
+    its batch and step functions (every method shares the rest of the loop)."""
+    return WeSAM(train, segmenter) if train.method == "wesam" else Supervised(train, segmenter)
 
 
 @dataclass
@@ -203,8 +230,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     segmenter = build_segmenter(model_cfg)
     state, saved = _restore(ray.train.get_checkpoint(), segmenter)
     device = ray.train.torch.get_device()
+    method = training_method(train, segmenter)
     model = ray.train.torch.prepare_model(
-        segmenter,
+        method.module,
         # Buffers belong to the frozen base (eval-mode BatchNorm): no per-step sync needed.
         parallel_strategy_kwargs={"forward_sync_buffers": False, "find_unused_parameters": False},
     )
@@ -222,7 +250,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scaler.load_state_dict(saved["scaler"])
         log(f"resumed from checkpoint: {state.epoch} epoch(s), step {state.step}")
 
-    dataset = InstanceDataset(train.data, on_error=train.on_error)
+    dataset = method.dataset
     if len(dataset) == 0:
         raise ValueError(f"train.data {train.data}: no usable samples")
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=train.seed)
@@ -238,9 +266,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         val_idx = validation_indices(val_set, train.val_max_images, train.seed)
         if state.resumed_from is not None:
             logger.log({"resumed_from_epoch": state.resumed_from}, state.step)
-    weights = loss_weights(train)
     log(f"{world} worker(s), {len(dataset)} images, {steps_per_epoch} steps/epoch, "
-        f"batch {train.batch_size}/worker, device {device}")
+        f"batch {train.batch_size}/worker, device {device}, method {train.method}")
 
     model.train()
     for epoch in range(state.epoch, train.epochs):
@@ -253,13 +280,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
             _maybe_inject_fault(config.get("fault_injection"), rank, epoch, i)
             t0 = time.perf_counter()
-            batch = build_batch(segmenter, samples, train.prompts, train.seed, epoch)
-            terms, ranks = train_step(model, segmenter, batch, optimizer, weights, train.grad_clip,
-                                      autocast, scaler)
+            batch = method.batch(samples, epoch)
+            loss, step_metrics, ranks = method.step(model, batch, optimizer, autocast, scaler, state.step)
             stats.seconds += time.perf_counter() - t0
             stats.steps += 1
             stats.images += len(samples)
-            stats.loss_sum += float(terms.total.detach())
+            stats.loss_sum += loss
             window_images += len(samples)
             for layer, value in ranks.items():
                 stats.ranks[layer].append(value)
@@ -268,16 +294,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 elapsed = time.perf_counter() - window_start
                 sps = window_images * world / max(elapsed, 1e-9)  # equal shards: rank 0 x world
                 logger.log({
-                    "loss": float(terms.total.detach()),
-                    "loss/focal": terms.focal,
-                    "loss/dice": terms.dice,
-                    "loss/iou_mse": terms.iou_mse,
-                    "train_iou": terms.iou,
+                    "loss": loss,
+                    **step_metrics,  # the method's loss terms (supervised: focal, dice, iou_mse)
                     "lr": optimizer.param_groups[0]["lr"],
                     "samples_per_s": sps,
                 }, state.step)
                 log(f"epoch {epoch + 1}/{train.epochs} step {state.step} ({i + 1}/{steps_per_epoch}) "
-                    f"loss {float(terms.total.detach()):.4f} {sps:.1f} samples/s")
+                    f"loss {loss:.4f} {sps:.1f} samples/s")
                 window_start, window_images = time.perf_counter(), 0
         state.epoch = epoch + 1
         _end_of_epoch(train, segmenter, optimizer, scaler, state, stats, world, rank, val_set, val_idx,
