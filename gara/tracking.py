@@ -1,4 +1,5 @@
-"""MLflow tracking URIs: one place that resolves, absolutises and redacts them."""
+"""MLflow tracking: one place that resolves, absolutises and redacts store URIs, and names
+nested values as flat MLflow keys."""
 
 from __future__ import annotations
 
@@ -6,9 +7,23 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 SQLITE_PREFIX = "sqlite:///"
+
+
+def flatten_tree(tree: dict[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> one level: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (MLflow params and
+    metrics are flat)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_tree(value, sep, f"{name}{sep}"))
+        else:
+            flat[name] = value
+    return flat
 
 
 def absolute_tracking_uri(uri: str, base: Path) -> str:

@@ -26,7 +26,7 @@ from gara.fsutil import atomic_write_json
 from gara.models.adapter_io import CONFIG_FILE, WEIGHTS_FILE, read_manifest
 from gara.registry.model import ADAPTER_ARTIFACT, signature
 from gara.registry.store import CHALLENGER, client_for, registry_uri
-from gara.tracking import active_store, redact_uri
+from gara.tracking import active_store, flatten_tree, redact_uri
 
 REPORT_FILES = ("metrics.json", "report.md")
 LINEAGE_TAGS = (
@@ -116,15 +116,10 @@ def version_tags(
     return tags
 
 
-def _flat_metrics(summary: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, value in summary.items():
-        name = f"{prefix}/{key}"
-        if isinstance(value, dict):
-            out.update(_flat_metrics(value, name))
-        elif isinstance(value, int | float):
-            out[name] = float(value)
-    return out
+def _flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """A report summary as MLflow metrics ``eval/degrade/box/iou``, ... (numbers only)."""
+    flat = flatten_tree(summary, "/", "eval/")
+    return {name: float(value) for name, value in flat.items() if isinstance(value, int | float)}
 
 
 def _existing(client, name: str, run_id: str, weights_sha: str, evaluation_set: str):

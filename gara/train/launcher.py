@@ -29,7 +29,7 @@ from gara.data.coco import DatasetFormatError, annotations_path
 from gara.fsutil import atomic_write_json
 from gara.models.backbones import get_backbone_spec
 from gara.models.checkpoints import CheckpointError, resolve_checkpoint
-from gara.tracking import redact_uri, resolve_tracking_uri
+from gara.tracking import flatten_tree, redact_uri, resolve_tracking_uri
 from gara.train.lineage import corruption_set, dvc_data_hash, git_commit, project_root
 from gara.train.loop import ADAPTER_DIR, train_loop_per_worker
 
@@ -63,20 +63,9 @@ def resolve_paths(params: Params, base: Path | None = None) -> Params:
     return params
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = str(value)
-    return flat
-
-
 def run_params(params: Params) -> dict[str, str]:
     sections = {"model": params.model.model_dump(mode="json"), "train": params.train.model_dump(mode="json")}
-    flat = flatten(sections)
+    flat = {key: str(value) for key, value in flatten_tree(sections).items()}
     flat.pop("train.mlflow.tracking_uri", None)  # may carry credentials; it is in run.json, redacted
     return flat
 
