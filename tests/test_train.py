@@ -20,7 +20,7 @@ from PIL import Image
 from gara.config import ModelConfig, PromptConfig, TrainConfig, load_params
 from gara.data.coco import mask_bbox, mask_to_rle, write_coco
 from gara.data.dataset import InstanceDataset
-from gara.models.adapter_io import load_adapted_segmenter
+from gara.models.adapter_io import load_adapted_segmenter, read_manifest
 from gara.models.factory import build_segmenter
 from gara.models.transforms import ImageTransform
 from gara.tracking import absolute_tracking_uri, redact_uri
@@ -303,9 +303,10 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, tiny, mlflo
 
 
 def test_wesam_trains_through_ray_from_boxes_only(ray_cluster, tiny, mlflow_server, tmp_path):
-    """train.method=wesam under the same launcher, loop and MLflow run: the training data keeps
-    its boxes and loses every mask (decoding one would fail the run), the three loss terms are
-    logged, and the output is a normal adapter folder."""
+    """train.method=wesam under the same launcher, loop and MLflow run, with a GaRA adapter (the
+    paper's LoRA is trained in tests/test_wesam.py): the training data keeps its boxes and loses
+    every mask (decoding one would fail the run), the three loss terms are logged, and the
+    output is a normal adapter folder."""
     from mlflow import MlflowClient
 
     from gara.config import parse_params
@@ -329,4 +330,5 @@ def test_wesam_trains_through_ray_from_boxes_only(ray_cluster, tiny, mlflow_serv
         assert len(client.get_metric_history(result.run_id, key)) == 2, key  # 8 images / batch 4
     assert "loss/focal" not in run.data.metrics  # the supervised terms belong to the other method
     assert len(client.get_metric_history(result.run_id, "val_iou")) == 1
+    assert read_manifest(result.adapter_dir).adapter.kind == "gara"
     load_adapted_segmenter(result.adapter_dir)
