@@ -43,7 +43,7 @@ PAPER_LORA = AdapterConfig(kind="lora", rank=4, projections=["q", "v"])  # WeSAM
 # and seeds for every run. Measured (val box IoU over all 21 images, base 50.65) in three image
 # orders, self-training alone vs full WeSAM after 24 steps: order 0: 16.46 vs 50.44; order 1:
 # 48.12 vs 55.71; order 2: 41.91 vs 48.59. Self-training alone swings far below the base on the
-# way (6.5 at step 8 in order 2) while full WeSAM stays within 47-56 at steps 8, 16 and 24.
+# way (6.5 at step 8 in order 2) while full WeSAM stays within 46.6-55.7 at steps 8, 16 and 24.
 # Full WeSAM's Degrade IoU after 24 steps beat the base's (50.25) in order 1 (53.25) but not in
 # orders 0 (49.68) and 2 (47.24): at this CPU scale it improves on the base in some orders only.
 TRAIN_SOURCES = 32  # embedded train images, each as its clean copy + 2 corrupted variants
