@@ -132,7 +132,8 @@ def _measure_step(backbone: str, variant: str, args: dict, queue) -> None:
     from gara.models.adapters.config import AdapterConfig
     from gara.models.factory import build_segmenter
     from gara.train.batches import build_batch
-    from gara.train.loop import autocast_for, loss_weights, train_step
+    from gara.train.loop import autocast_for, train_step
+    from gara.train.losses import loss_weights
 
     torch.manual_seed(0)
     device = torch.device(args["device"])

@@ -27,11 +27,12 @@ from gara.tracking import absolute_tracking_uri, redact_uri
 from gara.train.batches import build_batch, logits_size
 from gara.train.launcher import resolve_paths, run_params
 from gara.train.lineage import corruption_set, dvc_data_hash
-from gara.train.loop import block_name, loss_weights
+from gara.train.loop import block_name
 from gara.train.losses import (
     dice_loss,
     focal_loss,
     gt_at_logits,
+    loss_weights,
     mask_iou,
     segmentation_loss,
     valid_region,

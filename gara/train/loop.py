@@ -42,7 +42,7 @@ from gara.models.factory import build_segmenter
 from gara.models.segmenter import Segmenter
 from gara.seeding import derive_seed
 from gara.train.batches import TrainBatch, build_batch
-from gara.train.losses import LossTerms, LossWeights, segmentation_loss
+from gara.train.losses import LossTerms, LossWeights, loss_weights, segmentation_loss
 from gara.train.optim import apply_gradients
 from gara.train.validation import quick_validation, validation_indices
 from gara.train.wesam import WeSAM
@@ -58,10 +58,6 @@ def block_name(layer: str) -> str:
     for suffix in (".attn.qkv", ".qkv"):
         name = name.removesuffix(suffix)
     return name
-
-
-def loss_weights(train: TrainConfig) -> LossWeights:
-    return LossWeights(train.focal_weight, train.dice_weight, train.iou_weight)
 
 
 def autocast_for(device: torch.device, train: TrainConfig) -> torch.autocast | None:

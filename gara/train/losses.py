@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gara.config import TrainConfig
 from gara.models.transforms import ImageMeta, ImageTransform
 
 FOCAL_GAMMA = 2.0
@@ -82,6 +83,11 @@ class LossWeights:
     focal: float = 20.0
     dice: float = 1.0
     iou: float = 1.0
+
+
+def loss_weights(train: TrainConfig) -> LossWeights:
+    """The ``train`` section's focal / dice / IoU-MSE weights (every training method's)."""
+    return LossWeights(train.focal_weight, train.dice_weight, train.iou_weight)
 
 
 @dataclass

@@ -43,7 +43,7 @@ from gara.models.transforms import ImageMeta
 from gara.seeding import derive_seed, seeded_rng
 from gara.train.anchor import adapters_disabled
 from gara.train.batches import at_most, choose_kind, logits_size
-from gara.train.losses import LossWeights, dice_loss, segmentation_loss, valid_region
+from gara.train.losses import LossWeights, dice_loss, loss_weights, segmentation_loss, valid_region
 from gara.train.optim import apply_gradients
 from gara.train.views import strong_view, weak_view
 
@@ -284,7 +284,7 @@ class WeSAM:
         self.module = TeacherStudent(segmenter)
         self.dataset = WeakLabelDataset(train.data, train.wesam.weak_labels, train.wesam.n_points, train.seed,
                                         train.on_error)
-        self.weights = LossWeights(train.focal_weight, train.dice_weight, train.iou_weight)
+        self.weights = loss_weights(train)
 
     def batch(self, samples: list[WeakSample], epoch: int) -> WeSAMBatch:
         return build_wesam_batch(self.segmenter, samples, self.config, self.train.prompts.max_instances,
