@@ -58,8 +58,6 @@ class WeSAMBatch:
     metas: list[ImageMeta]
     prompts: list[Prompts]  # input frame; valid for both views (the strong one adds no geometry)
     regions: list[tuple[int, int]]  # valid logits rows, cols per image
-    kinds: list[str]
-    image_ids: list[int]
     # False: no sample had an instance; one whole-image box keeps DDP ranks in step, loss x 0.
     has_instances: bool = True
 
@@ -89,7 +87,7 @@ def build_wesam_batch(
         if "masks" in sample:
             raise TypeError(f"WeSAM trains from weak labels only, but sample {sample['image_id']} carries "
                             "full masks: load the training data with WeakLabelDataset")
-    weak_images, strong_images, raw_prompts, kinds, used = [], [], [], [], []
+    weak_images, strong_images, raw_prompts = [], [], []
     for sample in samples:
         idx = choose_weak_instances(sample, max_instances, seed, epoch)
         if not len(idx):
@@ -101,14 +99,11 @@ def build_wesam_batch(
         weak_images.append(image)
         strong_images.append(strong_view(image, derive_seed("wesam-strong", seed, epoch, image_id)))
         raw_prompts.append(prompts)
-        kinds.append(kind)
-        used.append(int(image_id))
-    has_instances = bool(used)
+    has_instances = bool(raw_prompts)
     if not has_instances:  # a whole-image box on the first image, unflipped
         h, w = samples[0]["image"].shape[:2]
         weak_images = strong_images = [samples[0]["image"]]
         raw_prompts = [Prompts(boxes=torch.tensor([[0.0, 0.0, float(w), float(h)]]))]
-        kinds, used = ["box"], [int(samples[0]["image_id"])]
     weak, metas = segmenter.preprocess(weak_images)
     strong, _ = segmenter.preprocess(strong_images)
     size = logits_size(segmenter)
@@ -116,7 +111,7 @@ def build_wesam_batch(
         weak, strong, metas,
         [segmenter.prompts_to_input(p, m) for p, m in zip(raw_prompts, metas, strict=True)],
         [valid_region(m, segmenter.transform, size) for m in metas],
-        kinds, used, has_instances,
+        has_instances,
     )
 
 
