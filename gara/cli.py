@@ -172,6 +172,10 @@ def corrupt(
     variants_per_image: int | None = typer.Option(
         None, min=1, help="Draw N (type, severity) pairs per image instead of the full grid."
     ),
+    balanced: bool = typer.Option(
+        False, "--balanced", help="With --variants-per-image: deal the N pairs out so every type "
+        "appears equally often over the images (for evaluation sets)."
+    ),
     workers: int | None = typer.Option(None, min=1, help="Processes; default: all cores."),
     params_file: Path | None = typer.Option(
         None, help="YAML with a corrupt: section (types, severities, seed), e.g. params.yaml."
@@ -184,7 +188,7 @@ def corrupt(
     type_list, sev_list, seed_value = _corrupt_params(params_file, types, severities, seed)
     summary = corrupt_dataset(
         data, out, types=type_list, severities=sev_list, seed=seed_value,
-        variants_per_image=variants_per_image, workers=workers, progress=progress,
+        variants_per_image=variants_per_image, workers=workers, progress=progress, balanced=balanced,
     )
     typer.echo(
         f"{summary.out}: {summary.images} images ({summary.source_images} sources), "
@@ -414,7 +418,10 @@ def main() -> None:
     """Entry point (user errors exit 2 with one line: see _Typer)."""
     import logging
 
+    from gara.allocator import keep_freed_memory
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()  # CPU forwards without page-faulting their big activations back in
     app()
 
 

@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from gara.allocator import keep_freed_memory
+
+keep_freed_memory()  # as the CLI and the Ray workers do: model forwards without page-fault storms
+
 # Keep everything on loopback and quiet, whatever the caller's environment says.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")

@@ -202,7 +202,10 @@ class GaraSamModel(PythonModel):
     """Frozen SAM-family base + adapter, rebuilt from the version's artifacts at load time."""
 
     def load_context(self, context) -> None:
+        from gara.allocator import keep_freed_memory
         from gara.models.adapter_io import load_adapted_segmenter, read_manifest
+
+        keep_freed_memory()
 
         config = dict(context.model_config or {})
         adapter_dir = context.artifacts[ADAPTER_ARTIFACT]

@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from gara import precision
+from gara.allocator import keep_freed_memory
 from gara.config import ModelConfig, TrainConfig
 from gara.data.dataset import InstanceDataset, collate_samples
 from gara.models.adapter_io import load_adapter_weights, save_adapter
@@ -214,6 +215,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    keep_freed_memory()  # each Ray worker is its own process
     model_cfg = ModelConfig.model_validate(config["model"])
     train = TrainConfig.model_validate(config["train"])
     mlflow_cfg = config.get("mlflow") or {}
