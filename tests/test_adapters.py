@@ -214,3 +214,22 @@ def test_bad_target_pattern_names_candidates():
     seg = Segmenter(build_backbone("vit_tiny", pretrained=False))
     with pytest.raises(ValueError, match=r"matches no Linear layer.*attn\.qkv"):
         attach_adapter(seg, AdapterConfig(target_modules=r"nothing_here$"))
+
+
+@pytest.mark.parametrize("backbone", ["vit_tiny", "lite_medsam"])
+def test_encoder_stages_run_the_encoders_own_forward_and_find_the_frozen_prefix(backbone):
+    from gara.models.stages import frozen_prefix_length, run_stages
+
+    x = torch.randn(2, 3, 256, 256)
+    for kind in (None, "gara", "lora", "adaptformer"):
+        seg = make_segmenter(backbone, kind)
+        stages = seg.encoder_stages()
+        length = frozen_prefix_length(stages)
+        # Without adapters every stage is frozen; with any, only the patch embedding (ViT) or the
+        # patch embedding + convolutional stage (TinyViT) precede the first adapted stage.
+        expected = len(stages) if kind is None else {"vit_tiny": 1, "lite_medsam": 2}[backbone]
+        assert length == expected, (kind, [s.name for s in stages])
+        with torch.no_grad():
+            whole = seg.encode(x)
+            split = run_stages(stages, run_stages(stages, x, stop=length), start=length)
+        assert torch.equal(whole, split)

@@ -40,6 +40,7 @@ from gara.models.adapter_io import CONFIG_FILE, load_adapted_segmenter, read_man
 from gara.models.adapters.gara import GaRALinear, effective_ranks
 from gara.models.factory import build_segmenter
 from gara.models.segmenter import Prompts, Segmenter
+from gara.models.stages import frozen_prefix_length, run_stages
 from gara.seeding import seeded_rng
 from gara.tracking import active_store, redact_uri, resolve_tracking_uri
 
@@ -418,6 +419,40 @@ def evaluate_models(
     )
 
 
+class SharedPrefixes:
+    """Encodes a batch for several models, running the frozen encoder prefix they share once.
+
+    Models with the same base (:meth:`Segmenter.shared_base_key`) compute identical values up
+    to the first stage any of them adapts (:mod:`gara.models.stages`); that prefix runs once
+    per batch and every model continues from it. Exact: the same operations on the same
+    inputs under the same autocast, so each model's embeddings are bit for bit what its own
+    ``encode`` gives.
+    """
+
+    def __init__(self, models: Mapping[str, Segmenter], mixed_precision: precision.MixedPrecision):
+        self.models, self.mixed_precision = models, mixed_precision
+        groups: dict[Any, list[str]] = {}
+        for name, model in models.items():
+            groups.setdefault(model.shared_base_key() or ("alone", name), []).append(name)
+        shared = {key: names for key, names in groups.items() if len(names) > 1}
+        self.group_of = {name: key for key, names in shared.items() for name in names}
+        self.stages = {name: models[name].encoder_stages() for name in self.group_of}
+        # The shared length of a group: up to the first stage that any member adapts.
+        self.length = {key: min(frozen_prefix_length(self.stages[n]) for n in names)
+                       for key, names in shared.items()}
+        self.cache: dict[Any, torch.Tensor] = {}
+
+    def encode(self, name: str, batch: torch.Tensor) -> torch.Tensor:
+        model = self.models[name]
+        with precision.autocast(model.device, self.mixed_precision):
+            if name not in self.group_of:  # shares nothing: its own encode
+                return model.encode(batch)
+            key, stages = self.group_of[name], self.stages[name]
+            if key not in self.cache:
+                self.cache[key] = run_stages(stages, batch, stop=self.length[key])
+            return run_stages(stages, self.cache[key], start=self.length[key])
+
+
 def _evaluate_batch(
     models: Mapping[str, Segmenter],
     batch: list[tuple[ImageInfo, Sample, list[Any]]],
@@ -431,6 +466,7 @@ def _evaluate_batch(
     given = {k: [prompts[info.image_id][k] for info, _, _ in batch] for k in kinds}
     expected = {k: [_fingerprint(p) for p in given[k]] for k in kinds}
     preprocessed: dict[Any, Any] = {}  # models sharing a transform share the preprocessed batch
+    prefixes = SharedPrefixes(models, mixed_precision)
     records: list[dict[str, Any]] = []
     for name, model in models.items():
         key = (model.transform, str(model.device))
@@ -438,8 +474,7 @@ def _evaluate_batch(
             preprocessed[key] = model.preprocess(images)
         tensor, metas = preprocessed[key]
         amp = precision.autocast(model.device, mixed_precision)
-        with amp:
-            embeddings = model.encode(tensor)
+        embeddings = prefixes.encode(name, tensor)
         ranks: list[float] = [float("nan")] * len(batch)
         if name in gara_models:  # read right after the encoder: it is what set the gates
             per_layer = effective_ranks(model, len(batch))

@@ -15,6 +15,7 @@ from torch import nn
 
 from gara.models.backbones import LoadedBackbone
 from gara.models.inject import adapter_layers, freeze
+from gara.models.stages import Stage, encoder_stages
 from gara.models.transforms import ImageMeta, ImageTransform
 
 
@@ -132,6 +133,16 @@ class Segmenter(nn.Module):
     # -- model ---------------------------------------------------------------------------
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
         return self.image_encoder(batch)
+
+    def encoder_stages(self) -> list[Stage]:
+        return encoder_stages(self.image_encoder)
+
+    def shared_base_key(self) -> tuple | None:
+        """Models with equal keys compute identical values in their frozen encoder prefix (same
+        architecture and checkpoint bytes, same preprocessing, same device); None: share nothing."""
+        if self.checkpoint_sha256 is None:
+            return None
+        return (self.backbone_name, self.checkpoint_sha256, self.transform, str(self.device))
 
     def decode(self, embeddings: torch.Tensor, prompts: Sequence[Prompts]) -> SegmenterOutput:
         """Decode single-mask logits for each image's prompts (already in the input frame)."""
