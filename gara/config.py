@@ -42,7 +42,10 @@ class CorruptConfig(BaseModel):
     seed: int = 0
     types: list[str] | None = None  # None = all 17
     severities: list[int] | None = None  # None = 1..5
-    train_variants_per_image: int | None = Field(None, ge=1)  # None = the full grid
+    train_variants_per_image: int | None = Field(None, ge=1)  # drawn per image; None = the full grid
+    # Evaluation split: N per image dealt out so every type appears equally often (balanced);
+    # None = the full grid.
+    val_variants_per_image: int | None = Field(None, ge=1)
 
 
 class PromptConfig(BaseModel):
@@ -132,6 +135,16 @@ class TrainConfig(BaseModel):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
 
+class BootstrapConfig(BaseModel):
+    """Paired intervals over source images (gara/evaluate/paired.py); the gate uses them too."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    resamples: int = Field(2000, ge=1000)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    seed: int = 0
+
+
 class EvaluateConfig(BaseModel):
     """The ``evaluate`` section."""
 
@@ -148,17 +161,21 @@ class EvaluateConfig(BaseModel):
     # As train.mixed_precision: bf16 autocast where native (halves LiteMedSAM's CPU time).
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     batch_size: int = Field(4, ge=1)  # images per encoder forward (every model shares the batch)
+    bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
 
 
 class GateConfig(BaseModel):
-    """When a challenger earns ``champion``: metrics are paths into a report's summary."""
+    """When a challenger earns ``champion``, decided on paired intervals over source images
+    (gara/evaluate/paired.py) against the incumbent on the same evaluation set: the gate
+    metric's interval must lie above ``margin`` and the Clear interval above
+    ``-max_clear_drop``. Metrics are paths into a report's summary."""
 
     model_config = ConfigDict(extra="forbid")
 
     metric: str = Field("degrade.box.iou", pattern=r"^(clear|degrade)\.(box|point)\.(iou|dice)$")
-    margin: float = Field(0.5, ge=0)  # points (0-100) the challenger must win by
+    margin: float = Field(0.0, ge=0)  # points (0-100) the interval's lower end must exceed
     clear_metric: str = Field("clear.box.iou", pattern=r"^clear\.(box|point)\.(iou|dice)$")
-    max_clear_drop: float = Field(1.0, ge=0)  # points of Clear it may lose while winning
+    max_clear_drop: float = Field(1.0, ge=0)  # points the Clear interval's lower end may lie below 0
 
 
 class RegistryConfig(BaseModel):

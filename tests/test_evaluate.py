@@ -31,8 +31,10 @@ from gara.evaluate.runner import (
     select_images,
 )
 from gara.models.adapter_io import save_adapter
+from gara.models.adapters.config import AdapterConfig
 from gara.models.backbones import build_backbone
 from gara.models.factory import build_segmenter
+from gara.models.inject import adapter_state_dict
 from gara.models.segmenter import Prompts, Segmenter, SegmenterOutput
 from gara.models.transforms import ImageMeta
 
@@ -282,16 +284,49 @@ def test_metrics_json_contract_and_clear_degrade_split(oracle_run: dict[str, Any
                 for v in model["summary"][part][kind].values():
                     assert v is None or 0.0 <= v <= 100.0
     curves = pd.read_csv(out / "plots" / "iou_vs_severity.csv")
-    assert list(curves.columns) == ["model", "corruption", "severity", "iou"]
+    assert list(curves.columns) == ["model", "corruption", "severity", "iou", "iou_low", "iou_high"]
+    assert set(curves.corruption) == {"mean over types", "fog", "gaussian_noise"}
     oracle_fog = curves[(curves.model == "oracle") & (curves.corruption == "fog")]
     assert oracle_fog.set_index("severity")["iou"].to_dict() == {0: 100.0, 1: 0.0, 3: 0.0}
+    assert (curves["iou_low"] <= curves["iou"]).all() and (curves["iou"] <= curves["iou_high"]).all()
+    # Paired differences, both directions, with the interval over the 2 source images.
+    paired = on_disk["models"]["oracle"]["paired"]["base"]
+    everywhere = {"delta": 100.0, "ci_low": 100.0, "ci_high": 100.0, "n_sources": 2}
+    assert paired["clear"]["box"]["iou"] == everywhere
+    assert paired["degrade"]["box"]["iou"] == {"delta": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n_sources": 2}
+    assert on_disk["models"]["base"]["paired"]["oracle"]["clear"]["box"]["dice"]["delta"] == -100.0
+    assert on_disk["bootstrap"] == {"resamples": 2000, "confidence": 0.95, "seed": 0, "unit": "source image"}
+    pairs = pd.read_csv(out / "paired.csv")
+    assert set(pairs["part"]) == {"clear", "degrade", "fog", "gaussian_noise"}
+    assert set(zip(pairs["model"], pairs["other"], strict=True)) == {("oracle", "base"), ("base", "oracle")}
     report = (out / "report.md").read_text()
     assert "| oracle (primary) | 100.0 | 0.0 |" in report and "gaussian_noise" in report
+    row = "| oracle - base | +100.00 [+100.00, +100.00] | +0.00 [+0.00, +0.00] no measurable difference |"
+    assert row in report
     for png in ("iou_vs_severity.png", "overlays.png"):
         assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = pd.read_csv(out / "records.csv")
     assert len(records) == 8 * 2 * 2 * 2  # images x instances x kinds x models
     assert len(result.overlays) == 2 and set(result.overlays[0].predictions) == {"base", "oracle"}
+
+
+def test_a_shared_frozen_prefix_changes_no_models_numbers(tiny_config: ModelConfig, tagged: Path) -> None:
+    """Models on one base run its frozen encoder prefix once per batch; each must still score
+    exactly as when evaluated alone."""
+    torch.manual_seed(5)
+    models = {"base": build_segmenter(tiny_config, with_adapter=False).eval()}
+    for kind in ("lora", "gara"):
+        seg = build_segmenter(tiny_config.model_copy(update={"adapter": AdapterConfig(kind=kind)}))
+        with torch.no_grad():
+            for p in adapter_state_dict(seg).values():
+                p.add_(torch.randn_like(p) * 0.05)
+        models[kind] = seg.eval()
+    config = EvaluateConfig(overlay_images=0, batch_size=4)
+    together = evaluate_models(models, tagged, config, progress=False).records
+    for name, model in models.items():
+        alone = evaluate_models({name: model}, tagged, config, progress=False).records
+        pd.testing.assert_frame_equal(together[together["model"] == name].reset_index(drop=True), alone)
+    assert together.groupby("model")["iou"].mean().nunique() == 3  # the adapters do change the masks
 
 
 def test_a_model_that_edits_its_prompts_is_refused(tagged: Path) -> None:

@@ -17,6 +17,13 @@ Definitions (every number on 0-100):
     summary.effective_rank{all, clear, degrade}      GaRA models only
     table[corruption][severity][kind]{iou, dice, n_images, n_instances}   ("clean" -> "0")
     models[name]{summary, table, adapter_weights_sha256}   every model compared (sha: adapters only)
+    models[name].paired[other]{clear|degrade}{box|point}{iou|dice}
+        = {delta, ci_low, ci_high, n_sources}: name - other on the same instances, with the
+          bootstrap interval over source images (gara/evaluate/paired.py)
+    bootstrap{resamples, confidence, seed, unit}
+
+``paired.csv`` holds the same differences for every ordered pair of models on Clear, Degrade
+and each corruption type. The severity plot draws each model's interval as a band.
 
 A value that cannot be computed (no corrupted image, a prompt kind not evaluated) is null.
 The definitions themselves are written in report.md, not in metrics.json (``dvc metrics
@@ -34,11 +41,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gara.config import Params
+from gara.config import BootstrapConfig, Params
 from gara.data.corrupt import CLEAN
 from gara.data.corruptions import CORRUPTION_NAMES
 from gara.data.prompts import PROMPT_KINDS
 from gara.evaluate.metrics import mean_over_images
+from gara.evaluate.paired import NO_DIFFERENCE, Interval, SourceBootstrap, paired_table, paired_tree
 from gara.evaluate.runner import EvaluationResult, Overlay
 from gara.fsutil import atomic_write, atomic_write_json, atomic_write_text
 
@@ -118,13 +126,20 @@ def summarize_model(records: pd.DataFrame, model: str) -> dict[str, Any]:
     return {"summary": summary, "table": table}
 
 
-def build_metrics(result: EvaluationResult) -> dict[str, Any]:
-    """The ``metrics.json`` document (pure: no files touched)."""
+def build_metrics(result: EvaluationResult, boot: SourceBootstrap | None = None) -> dict[str, Any]:
+    """The ``metrics.json`` document (pure: no files touched); ``boot`` defaults to the default
+    bootstrap settings over the result's records."""
+    boot = boot or SourceBootstrap(result.records, BootstrapConfig())
     models = {name: summarize_model(result.records, name) for name in result.models}
     for name, sha in result.adapter_weights.items():  # which weights a row scored (registry check)
         if sha:
             models[name]["adapter_weights_sha256"] = sha
+    for name in result.models:
+        models[name]["paired"] = {
+            other: paired_tree(boot, name, other) for other in result.models if other != name
+        }
     images = result.images
+    config = boot.config
     return {
         "primary": result.primary,
         "dataset": result.dataset,
@@ -143,6 +158,8 @@ def build_metrics(result: EvaluationResult) -> dict[str, Any]:
         "summary": models[result.primary]["summary"],
         "table": models[result.primary]["table"],
         "models": models,
+        "bootstrap": {"resamples": config.resamples, "confidence": config.confidence, "seed": config.seed,
+                      "unit": "source image"},
     }
 
 
@@ -204,7 +221,40 @@ def _type_means(records: pd.DataFrame, model: str, kind: str) -> dict[str, float
     return {str(r.corruption): _num(r.iou) for r in rows.itertuples(index=False)}
 
 
-def render_markdown(metrics: dict[str, Any], result: EvaluationResult) -> str:
+def _comparisons(names: Sequence[str]) -> list[tuple[str, str]]:
+    """Which differences report.md shows: every model against the first (the frozen base in
+    the pipeline), then the primary (last) against every other model; paired.csv has all."""
+    if len(names) < 2:
+        return []
+    first, primary = names[0], names[-1]
+    pairs = [(m, first) for m in names[1:]]
+    return pairs + [(primary, m) for m in names[1:-1]]
+
+
+def _paired_cell(metrics: dict[str, Any], model: str, other: str, part: str, kind: str) -> str:
+    cell = metrics["models"][model]["paired"][other][part][kind]["iou"]
+    return "-" if cell is None else Interval(**cell).describe()
+
+
+def _write_paired(out: io.StringIO, metrics: dict[str, Any], names: Sequence[str]) -> None:
+    pairs = _comparisons(names)
+    if not pairs:
+        return
+    boot, n = metrics["bootstrap"], metrics["images"]["source_images"]
+    out.write(f"\n## Paired differences (IoU, {boot['confidence']:.0%} interval over {n} source images)\n\n")
+    out.write(
+        "Each cell: the first model minus the second on the same instances and prompts, and the "
+        f"percentile interval of {boot['resamples']} bootstrap resamples of the source images (a "
+        f"source's clean copy, its corrupted variants and their instances move together; seed "
+        f"{boot['seed']}). \"{NO_DIFFERENCE}\": the interval contains 0.\n\n")
+    header = ["comparison"] + [f"{kind} {part}" for kind in PROMPT_KINDS for part in ("clear", "degrade")]
+    rows = [[f"{m} - {o}"] + [_paired_cell(metrics, m, o, part, kind)
+                              for kind in PROMPT_KINDS for part in ("clear", "degrade")]
+            for m, o in pairs]
+    out.write(_markdown_table(header, rows))
+
+
+def render_markdown(metrics: dict[str, Any], result: EvaluationResult, boot: SourceBootstrap) -> str:
     kind = "box" if "box" in result.kinds else result.kinds[0]
     types: list[str] = metrics["corruption_types"]
     severities = [str(s) for s in metrics["severities"]]
@@ -223,23 +273,23 @@ def render_markdown(metrics: dict[str, Any], result: EvaluationResult) -> str:
               + DEFINITIONS["degrade"] + ".\n\n")
     out.write("## Models\n\n")
     out.write(_markdown_table(*summary_rows(metrics)))
+    _write_paired(out, metrics, names)
     if types:
         out.write(f"\n## Per corruption type ({kind} IoU, severities pooled)\n\n")
         means = {name: _type_means(result.records, name, kind) for name in names}
         header = ["type", *names]
         if len(names) > 1:
-            header.append(f"Δ {names[-1]} - {names[0]}")
+            header += [f"{names[-1]} - {names[0]} [95% interval]", "sources"]
         rows = []
-        clean_row = ["clean"] + [_fmt(metrics["models"][m]["summary"]["clear"][kind]["iou"]) for m in names]
-        if len(names) > 1:
-            a, b = (metrics["models"][m]["summary"]["clear"][kind]["iou"] for m in (names[0], names[-1]))
-            clean_row.append("-" if a is None or b is None else f"{b - a:+.1f}")
-        rows.append(clean_row)
-        for t in types:
-            row = [t] + [_fmt(means[m].get(t)) for m in names]
+        for part in ("clear", *types):
+            label = "clean" if part == "clear" else part
+            if part == "clear":
+                row = [label] + [_fmt(metrics["models"][m]["summary"]["clear"][kind]["iou"]) for m in names]
+            else:
+                row = [label] + [_fmt(means[m].get(part)) for m in names]
             if len(names) > 1:
-                a, b = means[names[0]].get(t), means[names[-1]].get(t)
-                row.append("-" if a is None or b is None else f"{b - a:+.1f}")
+                diff = boot.difference(names[-1], names[0], part, kind, "iou")
+                row += ["-", "0"] if diff is None else [diff.describe(), str(diff.n_sources)]
             rows.append(row)
         out.write(_markdown_table(header, rows))
         for name in names:
@@ -261,32 +311,41 @@ def render_markdown(metrics: dict[str, Any], result: EvaluationResult) -> str:
             rows.append([m, _fmt(r["all"]), _fmt(r["clear"]), _fmt(r["degrade"])])
         out.write(_markdown_table(["model", "all", "clear", "degrade"], rows))
     out.write("\nPlots: `plots/iou_vs_severity.png` (data `plots/iou_vs_severity.csv`), "
-              "`plots/overlays.png`. Per-instance values: `records.csv`.\n")
+              "`plots/overlays.png`. Per-instance values: `records.csv`; every paired difference "
+              "(each pair of models, Clear, Degrade, each type): `paired.csv`.\n")
     return out.getvalue()
 
 
 # --- plots -------------------------------------------------------------------------------
 
 
-def severity_curves(metrics: dict[str, Any], kind: str = "box") -> pd.DataFrame:
-    """model, corruption, severity, iou, dice for every type; severity 0 = the clean value
-    (repeated per type so each curve starts from clean)."""
+ALL_TYPES = "mean over types"
+
+
+def severity_curves(boot: SourceBootstrap, models: Sequence[str], types: Sequence[str], kind: str = "box"
+                    ) -> pd.DataFrame:
+    """model, corruption, severity, iou, iou_low, iou_high: every type's IoU per severity with its
+    interval over source images, plus ``mean over types`` (Degrade per severity). Severity 0 is
+    the clean value, repeated per type so each curve starts from clean."""
     rows = []
-    types = metrics["corruption_types"] or [CLEAN]
-    for name, doc in metrics["models"].items():
-        table = doc["table"]
-        clean = table.get(CLEAN, {}).get("0", {}).get(kind)
-        for t in types:
+    for name in models:
+        clean = boot.value(name, "clear", kind, "iou")
+        for t in [ALL_TYPES, *types] if types else [CLEAN]:
             if clean is not None:
-                rows.append({"model": name, "corruption": t, "severity": 0, "iou": clean["iou"],
-                             "dice": clean["dice"]})
+                rows.append({"model": name, "corruption": t, "severity": 0, "iou": clean.delta,
+                             "iou_low": clean.ci_low, "iou_high": clean.ci_high})
             if t == CLEAN:
                 continue
-            for sev, cells in sorted(table.get(t, {}).items(), key=lambda kv: int(kv[0])):
-                if kind in cells:
-                    rows.append({"model": name, "corruption": t, "severity": int(sev),
-                                 "iou": cells[kind]["iou"], "dice": cells[kind]["dice"]})
-    return pd.DataFrame(rows, columns=["model", "corruption", "severity", "iou", "dice"])
+            part = "degrade" if t == ALL_TYPES else t
+            for sev in sorted(boot.records.loc[boot.records["corruption"] != CLEAN, "severity"].unique()):
+                cell = boot.value(name, part, kind, "iou", severity=int(sev))
+                if cell is not None:
+                    rows.append({"model": name, "corruption": t, "severity": int(sev), "iou": cell.delta,
+                                 "iou_low": cell.ci_low, "iou_high": cell.ci_high})
+    columns = ["model", "corruption", "severity", "iou", "iou_low", "iou_high"]
+    frame = pd.DataFrame(rows, columns=columns)
+    frame[columns[3:]] = frame[columns[3:]].round(4)
+    return frame
 
 
 def _save_figure(fig: Any, path: Path) -> Path:
@@ -313,8 +372,10 @@ def plot_severity(curves: pd.DataFrame, models: Sequence[str], path: Path, kind:
         sub = curves[curves["corruption"] == t]
         for name in models:
             line = sub[sub["model"] == name].sort_values("severity")
-            ax.plot(line["severity"], line["iou"], marker="o", markersize=3, label=name)
-        ax.set_title(t, fontsize=9)
+            drawn = ax.plot(line["severity"], line["iou"], marker="o", markersize=3, label=name)
+            ax.fill_between(line["severity"], line["iou_low"], line["iou_high"], alpha=0.15,
+                            color=drawn[0].get_color(), linewidth=0)
+        ax.set_title(t, fontsize=9, fontweight="bold" if t == ALL_TYPES else "normal")
         ax.set_ylim(0, 100)
         ax.set_xticks(range(0, 6))
         ax.grid(alpha=0.3)
@@ -325,7 +386,8 @@ def plot_severity(curves: pd.DataFrame, models: Sequence[str], path: Path, kind:
     for ax in axes[-1, :]:
         ax.set_xlabel("severity (0 = clean)")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=max(1, len(models)), fontsize=9, frameon=False)
+    fig.legend(handles, labels, loc="upper center", ncol=max(1, len(models)), fontsize=9, frameon=False,
+               title="bands: 95% interval over source images", title_fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.2 * nrows + 0.6)))
     return _save_figure(fig, path)
 
@@ -394,18 +456,22 @@ def plot_overlays(overlays: Sequence[Overlay], models: Sequence[str], path: Path
 # --- everything --------------------------------------------------------------------------
 
 
-def write_report(result: EvaluationResult, out: str | Path) -> dict[str, Any]:
-    """Write metrics.json, report.md, records.csv and plots/ into ``out``; return the metrics."""
+def write_report(result: EvaluationResult, out: str | Path, bootstrap: BootstrapConfig | None = None
+                 ) -> dict[str, Any]:
+    """Write metrics.json, report.md, paired.csv, records.csv and plots/ into ``out``; return the
+    metrics."""
     out = Path(out)
-    metrics = build_metrics(result)
+    boot = SourceBootstrap(result.records, bootstrap or BootstrapConfig())
+    metrics = build_metrics(result, boot)
     kind = "box" if "box" in result.kinds else result.kinds[0]
-    curves = severity_curves(metrics, kind)
+    curves = severity_curves(boot, result.models, metrics["corruption_types"], kind)
+    pairs = paired_table(boot, result.models, metrics["corruption_types"])
     atomic_write(out / "records.csv", lambda tmp: result.records.to_csv(tmp, index=False))
-    atomic_write(out / "plots" / "iou_vs_severity.csv",
-                 lambda tmp: curves[["model", "corruption", "severity", "iou"]].to_csv(tmp, index=False))
+    atomic_write(out / "paired.csv", lambda tmp: pairs.to_csv(tmp, index=False))
+    atomic_write(out / "plots" / "iou_vs_severity.csv", lambda tmp: curves.to_csv(tmp, index=False))
     plot_severity(curves, result.models, out / "plots" / "iou_vs_severity.png", kind)
     plot_overlays(result.overlays, result.models, out / "plots" / "overlays.png")
-    atomic_write_text(out / "report.md", render_markdown(metrics, result))
+    atomic_write_text(out / "report.md", render_markdown(metrics, result, boot))
     atomic_write_json(out / "metrics.json", metrics)  # last: its presence means a complete report
     return metrics
 
@@ -420,4 +486,4 @@ def evaluate_to_report(
     config = params.evaluate
     models = resolve_models(model_specs, params.model, params.train.mlflow.tracking_uri)
     result = evaluate_models(models, config.data, config, progress=progress)
-    return write_report(result, config.out), result
+    return write_report(result, config.out, config.bootstrap), result
