@@ -92,12 +92,13 @@ def pull_data(data_rev: str | None) -> str:
 
 @task(cache_key_fn=_cache_unless_missing("out"), persist_result=True)
 def corrupt_split(
-    source: str, out: str, corrupt: dict[str, Any], variants: int | None, data_hash: str
+    source: str, out: str, corrupt: dict[str, Any], variants: int | None, balanced: bool, data_hash: str
 ) -> str:
     from gara.data.corrupt import corrupt_dataset
 
     summary = corrupt_dataset(source, out, types=corrupt["types"], severities=corrupt["severities"],
-                              seed=corrupt["seed"], variants_per_image=variants, progress=False)
+                              seed=corrupt["seed"], variants_per_image=variants, progress=False,
+                              balanced=balanced)
     get_run_logger().info("%s: %d images, %d written, %d skipped", out, summary.images, summary.written,
                           summary.skipped)
     return out
@@ -209,9 +210,12 @@ def retrain(
         data_hash = pull_data(data_rev)
         logger.info("data.dvc at %s: %s", data_rev or "the checked-out revision", data_hash)
         corrupt = params.corrupt.model_dump(mode="json")
-        variants = params.corrupt.train_variants_per_image  # as the corrupt stage: train sampled, val full
-        corrupt_split(f"data/{SPLITS[0]}", params.train.data, corrupt, variants, data_hash)
-        corrupt_split(f"data/{SPLITS[1]}", params.train.val_data, corrupt, None, data_hash)
+        # As the corrupt stage: train variants drawn per image, val variants dealt out evenly.
+        train_variants, val_variants = (params.corrupt.train_variants_per_image,
+                                        params.corrupt.val_variants_per_image)
+        corrupt_split(f"data/{SPLITS[0]}", params.train.data, corrupt, train_variants, False, data_hash)
+        corrupt_split(f"data/{SPLITS[1]}", params.train.val_data, corrupt, val_variants,
+                      val_variants is not None, data_hash)
 
         trained = train_adapter(as_dict, params.train.out, data_hash)
         weights = read_manifest(trained["adapter_dir"]).weights_sha256

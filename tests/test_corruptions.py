@@ -21,6 +21,7 @@ from gara.data.corruptions import (
     GEOMETRIC_NAMES,
     LEVELS,
     apply_corruption,
+    resolve_types,
 )
 
 EXPECTED = (
@@ -274,6 +275,36 @@ def test_variants_per_image_samples_deterministically(tmp_path: Path) -> None:
     assert on_disk == listed
     with pytest.raises(ValueError, match="variants_per_image 86"):
         corrupt_dataset(data, tmp_path / "d", variants_per_image=86, progress=False)
+
+
+def test_balanced_variants_spread_every_type_evenly_over_the_images(tmp_path: Path) -> None:
+    from collections import Counter
+
+    from gara.data.corrupt import balanced_order, plan_balanced
+
+    types, severities = ["fog", "snow", "jpeg", "night", "rain"], [1, 3, 5]
+    order = balanced_order(types, severities, seed=0)
+    assert sorted(order) == sorted((t, s) for t in types for s in severities)  # every cell once
+    plans = [plan_balanced(i, order, 3)[1:] for i in range(12)]  # 12 images x 3 variants
+    for plan in plans:
+        assert plan_balanced(0, order, 3)[0] == ("clean", 0)
+        assert len({t for t, _ in plan}) == 3  # three different types on one image
+    per_type = Counter(t for plan in plans for t, _ in plan)
+    assert set(per_type.values()) <= {7, 8} and sum(per_type.values()) == 36
+    for t in types:  # a type's severities are spread, not all the same
+        assert len({s for plan in plans for u, s in plan if u == t}) == len(severities)
+
+    data = _make_dataset(tmp_path / "data")
+    corrupt_dataset(data, tmp_path / "out", types=types, severities=severities, variants_per_image=2,
+                    balanced=True, workers=1, progress=False)
+    coco = read_coco(tmp_path / "out")
+    written = [(e["corruption"], e["severity"]) for e in coco["images"] if e["corruption"] != "clean"]
+    sources = sorted({e["source_image_id"] for e in coco["images"]})
+    dealt = balanced_order(resolve_types(types), severities, seed=0)  # the protocol's type order
+    assert written == [cell for i in range(len(sources)) for cell in plan_balanced(i, dealt, 2)[1:]]
+    assert coco["corruption"]["balanced"] is True
+    with pytest.raises(ValueError, match="balanced needs variants_per_image"):
+        corrupt_dataset(data, tmp_path / "grid", balanced=True, progress=False)
 
 
 def test_vanished_instance_is_dropped_and_reported(

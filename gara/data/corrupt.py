@@ -129,6 +129,29 @@ def plan_variants(
     return ((CLEAN, 0), *grid)
 
 
+def balanced_order(types: Sequence[str], severities: Sequence[int], seed: int) -> list[tuple[str, int]]:
+    """Every grid cell once, in rounds: each round visits every type once (types in one seeded
+    order), and each type walks through its severities in its own seeded order."""
+    rng = seeded_rng("balanced-variants", seed)
+    type_order = [types[i] for i in rng.permutation(len(types))]
+    walks = {t: [severities[i] for i in rng.permutation(len(severities))] for t in type_order}
+    return [(t, walks[t][r]) for r in range(len(severities)) for t in type_order]
+
+
+def plan_balanced(index: int, order: Sequence[tuple[str, int]], variants_per_image: int
+                  ) -> tuple[tuple[str, int], ...]:
+    """The clean copy plus the next N cells of ``balanced_order`` for the ``index``-th image.
+
+    Consecutive images take consecutive cells, so over the dataset every type appears equally
+    often (to within one) and every type's severities are spread evenly; within one image the
+    N cells are N different types whenever N <= the number of types. An evaluation set, where
+    a type seen on only a few photos would make its column noise, wants this; training wants
+    the independent draws of :func:`plan_variants`.
+    """
+    start = index * variants_per_image
+    return ((CLEAN, 0), *(order[(start + j) % len(order)] for j in range(variants_per_image)))
+
+
 def read_rgb(path: Path) -> np.ndarray:
     """Read an image file as RGB uint8, ignoring EXIF orientation (COCO masks use stored pixels)."""
     return _decode_rgb(_read_bytes(path), path)
@@ -275,12 +298,15 @@ def corrupt_dataset(
     variants_per_image: int | None = None,
     workers: int | None = None,
     progress: bool = True,
+    balanced: bool = False,
 ) -> CorruptSummary:
     """Corrupt every image of the dataset folder ``data`` into the dataset folder ``out``.
 
     ``types``/``severities`` default to all 17 types and 1..5. With ``variants_per_image=N``
     each image gets N (type, severity) pairs drawn from the seed instead of the full grid (the
-    clean copy always). ``workers`` defaults to all cores; workers are spawned, so a script that
+    clean copy always); with ``balanced=True`` too, the N pairs are dealt out so that every type
+    appears equally often over the dataset (:func:`plan_balanced`). ``workers`` defaults to
+    all cores; workers are spawned, so a script that
     calls this with workers > 1 needs the usual ``if __name__ == "__main__":`` guard.
     """
     start = time.perf_counter()
@@ -297,6 +323,8 @@ def corrupt_dataset(
             f"variants_per_image {variants_per_image} must be in 1..{grid_size} "
             f"({len(type_list)} types x {len(sev_list)} severities)"
         )
+    if balanced and variants_per_image is None:
+        raise ValueError("balanced needs variants_per_image: the full grid is balanced already")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if out.resolve() == data.resolve():
@@ -307,9 +335,10 @@ def corrupt_dataset(
     for ann in coco["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
     images = sorted(coco["images"], key=lambda e: e["id"])
+    order = balanced_order(type_list, sev_list, seed) if balanced else []
     stems: dict[str, str] = {}
     tasks = []
-    for entry in images:
+    for index, entry in enumerate(images):
         stem = output_stem(entry["file_name"])
         if stem in stems:
             raise ValueError(
@@ -318,7 +347,11 @@ def corrupt_dataset(
             )
         stems[stem] = entry["file_name"]
         anns = sorted(by_image.get(entry["id"], []), key=lambda a: a["id"])
-        variants = plan_variants(entry["file_name"], type_list, sev_list, seed, variants_per_image)
+        if balanced:
+            assert variants_per_image is not None
+            variants = plan_balanced(index, order, variants_per_image)
+        else:
+            variants = plan_variants(entry["file_name"], type_list, sev_list, seed, variants_per_image)
         tasks.append(_ImageTask(str(data), str(out), entry, anns, stem, variants, seed))
 
     out.mkdir(parents=True, exist_ok=True)
@@ -329,7 +362,7 @@ def corrupt_dataset(
     n_workers = min(workers or os.cpu_count() or 1, max(1, len(tasks)))
     results = _run_tasks(tasks, n_workers, progress)
 
-    summary = _assemble(coco, tasks, results, type_list, sev_list, seed, variants_per_image, out)
+    summary = _assemble(coco, tasks, results, type_list, sev_list, seed, variants_per_image, balanced, out)
     summary.data, summary.seconds = str(data), round(time.perf_counter() - start, 3)
     for d in summary.dropped:
         log.warning(
@@ -368,6 +401,7 @@ def _assemble(
     severities: list[int],
     seed: int,
     variants_per_image: int | None,
+    balanced: bool,
     out: Path,
 ) -> CorruptSummary:
     """Build the output COCO with fresh sequential ids (source order, then variant order)."""
@@ -420,6 +454,7 @@ def _assemble(
         "types": types,
         "severities": severities,
         "variants_per_image": variants_per_image,
+        "balanced": balanced,
         "generator": GENERATOR_VERSION,
         "dropped_instances": len(dropped),
     }
