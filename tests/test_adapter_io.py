@@ -17,6 +17,7 @@ from gara.models.adapter_io import (
     load_adapter_weights,
     read_manifest,
     save_adapter,
+    save_frozen_base,
 )
 from gara.models.adapters.config import AdapterConfig
 from gara.models.factory import build_segmenter
@@ -89,3 +90,19 @@ def test_broken_json_is_refused_with_the_file_named(tmp_path):
     (tmp_path / CONFIG_FILE).write_text(json.dumps({"adapter": {"kind": "dora"}}))
     with pytest.raises(AdapterFormatError, match=CONFIG_FILE):
         read_manifest(tmp_path)
+
+
+def test_the_frozen_base_saves_as_an_adapter_free_folder(tiny_base, tmp_path):
+    config = ModelConfig(backbone="vit_tiny", checkpoint=tiny_base)
+    frozen = build_segmenter(config, with_adapter=False).eval()
+    folder = save_frozen_base(frozen, tmp_path / "base")
+    manifest = read_manifest(folder)
+    assert manifest.adapter is None and manifest.adapted_layers == [] and manifest.trainable_params == 0
+    assert manifest.base_checkpoint_sha256 == frozen.checkpoint_sha256
+    loaded = load_adapted_segmenter(folder)
+    assert not adapter_layers(loaded)
+    batch, prompts, _ = batch_for(frozen)
+    with torch.no_grad():
+        assert torch.equal(outputs(loaded, batch, prompts), outputs(frozen, batch, prompts))
+    with pytest.raises(AdapterFormatError, match="carries an adapter"):
+        save_frozen_base(build_segmenter(config), tmp_path / "not-frozen")

@@ -17,13 +17,14 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
 from gara.config import AdapterConfig, ModelConfig, Params, parse_params
 from gara.errors import ChecksumMismatchError
-from gara.evaluate.report import write_report
+from gara.evaluate.report import summarize_model, write_report
 from gara.evaluate.runner import evaluate_models, resolve_models
 from gara.models.adapter_io import load_adapted_segmenter, read_manifest, save_adapter
 from gara.models.factory import build_segmenter
@@ -86,17 +87,38 @@ def make_adapter(folder: Path, base: Path, seed: int) -> Path:
     return save_adapter(segmenter, folder)
 
 
-def summary(gate: float, clear: float) -> dict:
-    return {"clear": {"box": {"iou": clear, "dice": clear}}, "degrade": {"box": {"iou": gate, "dice": gate}}}
+N_SOURCES = 12
+
+
+def gate_records(model: str, gate: float, clear: float, spread: float = 0.0) -> pd.DataFrame:
+    """Per-instance records of ``model`` on a fixed evaluation set: N_SOURCES photos, each clean
+    + fog + snow, two instances. Every instance of a photo scores ``gate`` (corrupted) or
+    ``clear`` (clean), shifted by +spread on even photos and -spread on odd ones: two models
+    differ by exactly the difference of their numbers, with a per-photo spread of ``spread``."""
+    rows = []
+    for source in range(N_SOURCES):
+        shift = spread if source % 2 == 0 else -spread
+        for offset, corruption in enumerate(("clean", "fog", "snow")):
+            image_id = 10 * source + offset
+            value = (clear if corruption == "clean" else gate) + shift
+            for ann in range(2):
+                rows.append({"model": model, "image_id": image_id, "source_image_id": source,
+                             "corruption": corruption, "severity": 0 if corruption == "clean" else 3,
+                             "kind": "box", "ann_id": 2 * image_id + ann, "source_ann_id": ann,
+                             "iou": value, "dice": value, "predicted_iou": 0.0, "effective_rank": 0.0})
+    return pd.DataFrame(rows)
 
 
 def write_gate_report(folder: Path, adapter_dir: Path, gate: float, clear: float,
-                      base_scores=(50.0, 70.0), evaluation_set: str = "set-a") -> Path:
+                      base_scores=(50.0, 70.0), evaluation_set: str = "set-a", spread: float = 0.0) -> Path:
+    """A report as gara evaluate writes it (records.csv + metrics.json from them), with chosen numbers."""
     folder.mkdir(parents=True, exist_ok=True)
     sha = read_manifest(adapter_dir).weights_sha256
+    records = pd.concat([gate_records("base", *base_scores), gate_records("gara", gate, clear, spread)])
+    records.to_csv(folder / "records.csv", index=False)
     metrics = {"primary": "gara", "dataset": "val", "evaluation_set": evaluation_set, "models": {
-        "base": {"summary": summary(*base_scores)},
-        "gara": {"summary": summary(gate, clear), "adapter_weights_sha256": sha},
+        "base": summarize_model(records, "base"),
+        "gara": {**summarize_model(records, "gara"), "adapter_weights_sha256": sha},
     }}
     (folder / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
     (folder / "report.md").write_text(f"# report\ngate {gate}, clear {clear}\n", encoding="utf-8")
@@ -132,6 +154,7 @@ def test_gate_worse_stays_out_better_wins_clear_guard_and_rollback(server, tiny_
     assert champion_of(server, "gate") is None  # registering alone never makes a champion
     d1 = promote(params, v1)
     assert d1.promoted and d1.compared_with == "base" and champion_of(server, "gate") == v1
+    assert d1.gate_difference == {"delta": 5.0, "ci_low": 5.0, "ci_high": 5.0, "n_sources": N_SOURCES}
     assert tags_of(server, "gate", v1)["gara.decision"] == "promoted"
 
     v2 = candidate(tmp_path, server, params, base, 2, gate=55.3, clear=71.0)  # below the margin
@@ -139,8 +162,10 @@ def test_gate_worse_stays_out_better_wins_clear_guard_and_rollback(server, tiny_
     assert not d2.promoted and champion_of(server, "gate") == v1
     t2 = tags_of(server, "gate", v2)
     assert t2["gara.decision"] == "rejected" and t2["gara.compared_with"] == f"version {v1}"
-    assert "55.30" in t2["gara.decision_reason"] and "55.00" in t2["gara.decision_reason"]
+    assert "+0.30 [+0.30, +0.30]" in t2["gara.decision_reason"]
+    assert "does not lie above the margin 0.5" in t2["gara.decision_reason"]
     assert t2["gara.incumbent_gate_score"] == "55.0000" and t2["gara.challenger_gate_score"] == "55.3000"
+    assert (t2["gara.gate_delta"], t2["gara.gate_ci_low"], t2["gara.gate_n_sources"]) == ("0.3", "0.3", "12")
 
     v3 = candidate(tmp_path, server, params, base, 3, gate=60.0, clear=69.5)  # wins, small Clear loss
     assert promote(params, v3).promoted and champion_of(server, "gate") == v3
@@ -150,7 +175,7 @@ def test_gate_worse_stays_out_better_wins_clear_guard_and_rollback(server, tiny_
     v4 = candidate(tmp_path, server, params, base, 4, gate=70.0, clear=60.0)  # wins Degrade, loses Clear
     d4 = promote(params, v4)
     assert not d4.promoted and champion_of(server, "gate") == v3
-    assert "clear.box.iou 60.00 is more than 1 below" in tags_of(server, "gate", v4)["gara.decision_reason"]
+    assert "clear.box.iou interval reaches below -1" in tags_of(server, "gate", v4)["gara.decision_reason"]
 
     back = rollback(params)
     assert (back.from_version, back.to_version) == (v3, v1) and champion_of(server, "gate") == v1
@@ -159,14 +184,61 @@ def test_gate_worse_stays_out_better_wins_clear_guard_and_rollback(server, tiny_
         rollback(params)  # v1 was the first champion
 
 
-def test_first_version_must_beat_the_frozen_base(server, tiny_vit_checkpoint, tmp_path):
+def test_a_mean_gain_within_the_noise_stays_out_and_a_clear_winner_gets_in(server, tiny_vit_checkpoint,
+                                                                            tmp_path):
+    base = tiny_vit_checkpoint.path
+    params = params_for(server, "noise", base)  # default gate: margin 0, max_clear_drop 1
+    v1 = candidate(tmp_path, server, params, base, 1, gate=55.0, clear=70.0)
+    assert promote(params, v1).promoted
+    # +1.0 on average, but +5 on half the photos and -3 on the other half: noise.
+    noisy = candidate(tmp_path, server, params, base, 2, gate=56.0, clear=70.0, spread=4.0)
+    decision = promote(params, noisy)
+    assert not decision.promoted and champion_of(server, "noise") == v1
+    assert decision.challenger_gate > decision.incumbent_gate  # the point estimate would have promoted it
+    gap = decision.gate_difference
+    assert gap["delta"] == pytest.approx(1.0) and gap["ci_low"] < 0 < gap["ci_high"]
+    assert "no measurable difference" in tags_of(server, "noise", noisy)["gara.decision_reason"]
+    # +3 with a spread of 0.5 around it: a measurable gain.
+    winner = candidate(tmp_path, server, params, base, 3, gate=58.0, clear=70.0, spread=0.5)
+    decision = promote(params, winner)
+    assert decision.promoted and champion_of(server, "noise") == winner
+    assert 2.0 < decision.gate_difference["ci_low"] <= 3.0 <= decision.gate_difference["ci_high"] < 4.0
+
+
+def test_the_frozen_base_is_champion_until_an_adapter_beats_it(server, tiny_vit_checkpoint, tmp_path):
+    import mlflow.pyfunc
+
     base = tiny_vit_checkpoint.path
     params = params_for(server, "first", base)
-    v = candidate(tmp_path, server, params, base, 1, gate=50.2, clear=70.0, base_scores=(50.0, 70.0))
+    v = candidate(tmp_path, server, params, base, 1, gate=50.2, clear=70.0, base_scores=(50.0, 70.0),
+                  spread=3.0)
     decision = promote(params, v)
     assert not decision.promoted and decision.compared_with == "base"
-    assert champion_of(server, "first") is None
-    assert "the frozen base's 50.00" in tags_of(server, "first", v)["gara.decision_reason"]
+    assert "against the frozen base" in tags_of(server, "first", v)["gara.decision_reason"]
+    crowned = champion_of(server, "first")
+    assert crowned is not None and crowned != v and decision.champion == crowned
+    tags = tags_of(server, "first", crowned)
+    assert tags["adapter_kind"] == "none" and tags["gara.candidate"] == "base"
+    assert tags["gara.gate_score"] == "50.0000" and tags["gara.evaluation_set"] == "set-a"
+    # Downstream pulls get the frozen base itself: the same masks as the base model.
+    with active_store(server):
+        pulled = mlflow.pyfunc.load_model("models:/first@champion")
+    image = np.random.default_rng(2).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    out = pulled.predict(make_request(image, boxes=[[4, 4, 40, 30]])).iloc[0]
+    frozen = build_segmenter(ModelConfig(backbone="vit_tiny", checkpoint=str(base)), with_adapter=False)
+    frozen.eval()
+    with torch.inference_mode():
+        masks, _ = frozen.predict(image, Prompts(boxes=torch.tensor([[4.0, 4.0, 40.0, 30.0]])))
+    np.testing.assert_array_equal(out["masks"], masks)
+    assert out["effective_rank"] == {}
+    # Another loser against the base leaves that version in place (no second base version).
+    again = candidate(tmp_path, server, params, base, 2, gate=49.0, clear=70.0)
+    assert not promote(params, again).promoted and champion_of(server, "first") == crowned
+    # A measurable gain over the base (paired with the base version's own records) wins.
+    better = candidate(tmp_path, server, params, base, 3, gate=53.0, clear=70.0)
+    won = promote(params, better)
+    assert won.promoted and won.compared_with == f"version {crowned}"
+    assert tags_of(server, "first", better)["gara.previous_champion"] == crowned
 
 
 def test_racing_promotions_end_with_the_better_challenger(server, tiny_vit_checkpoint, tmp_path):

@@ -3,6 +3,10 @@
 The JSON says what the tensors are for (adapter kind and sizes, target layers, backbone)
 and which base checkpoint they belong to (URI + sha256): the base is referenced, never
 copied. Loading checks both files against each other and against the model.
+
+The frozen base itself has the same form with ``adapter: null`` and no tensors
+(:func:`save_frozen_base`): the registry serves it as a model version when no adapter has
+beaten it, through the very same loading path.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class AdapterManifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format_version: int = FORMAT_VERSION
-    adapter: AdapterConfig
+    adapter: AdapterConfig | None  # None: the frozen base, no adapter
     backbone: str
     base_checkpoint: str | None
     base_checkpoint_sha256: str | None
@@ -51,11 +55,25 @@ class AdapterManifest(BaseModel):
 
 def save_adapter(segmenter: Segmenter, directory: str | Path) -> Path:
     """Write the adapter of ``segmenter`` into ``directory`` (weights first, JSON last)."""
-    directory = Path(directory)
     config: AdapterConfig | None = getattr(segmenter, "adapter_config", None)
     if config is None:
         raise AdapterFormatError("this segmenter has no adapter to save")
+    return _save(segmenter, config, Path(directory))
+
+
+def save_frozen_base(segmenter: Segmenter, directory: str | Path) -> Path:
+    """Write an adapter-free folder for the frozen base of ``segmenter`` (its checkpoint is
+    referenced by URI + sha256, as for any adapter)."""
+    if segmenter.checkpoint_sha256 is None:
+        raise AdapterFormatError("a base built without pretrained weights cannot be referenced")
+    return _save(segmenter, None, Path(directory))
+
+
+def _save(segmenter: Segmenter, config: AdapterConfig | None, directory: Path) -> Path:
     state = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(segmenter).items()}
+    if config is None and state:
+        raise AdapterFormatError(
+            "save_frozen_base: this segmenter carries an adapter; save it with save_adapter")
     weights = directory / WEIGHTS_FILE
     atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     manifest = AdapterManifest(
@@ -142,8 +160,9 @@ def load_adapted_segmenter(
         s3_endpoint_url=s3_endpoint_url,
     )
     segmenter = Segmenter(backbone)
-    attach_adapter(segmenter, manifest.adapter)
-    load_adapter_weights(segmenter, directory)
+    if manifest.adapter is not None:
+        attach_adapter(segmenter, manifest.adapter)
+    load_adapter_weights(segmenter, directory)  # the frozen base: checks that the file holds nothing
     segmenter.adapter_weights_sha256 = manifest.weights_sha256  # reports record what they scored
     segmenter.eval()
     return segmenter

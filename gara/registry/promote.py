@@ -1,17 +1,27 @@
 """``gara promote``: the gate between ``challenger`` and ``champion``, and rollback.
 
-A challenger becomes champion only when, on the same evaluation set (same images, labels
-and prompt settings: ``gara.evaluation_set``), it beats the current champion on the gate
-metric (``registry.gate.metric``, default Degrade box IoU) by at least ``gate.margin`` and
-loses no more than ``gate.max_clear_drop`` on Clear. With no champion yet, the incumbent is
-the frozen base from the challenger's own report. When the champion was scored on another
-evaluation set, it is re-scored on the challenger's (``rescore``, supplied by the caller:
-the CLI evaluates it on the current ``evaluate`` settings, which must reproduce the
-challenger's set) rather than comparing numbers from different inputs.
+The gate decides on evidence, not on point estimates. Challenger and incumbent are paired
+on the same evaluation set (same images, labels and prompt settings:
+``gara.evaluation_set``), instance by instance, from the per-instance records each version
+carries (``evaluation/records.csv`` of its run), and the difference gets a bootstrap interval
+over source images (:mod:`gara.evaluate.paired`, ``evaluate.bootstrap``). The challenger
+becomes champion only when
+
+- the gate metric's interval lies above ``gate.margin`` (``ci_low > margin``; default 0:
+  a measurable gain), and
+- the Clear interval lies above ``-gate.max_clear_drop`` (``ci_low > -max_clear_drop``).
+
+A mean gain whose interval spans zero is not promoted: that is noise. With no champion yet
+the incumbent is the frozen base (the base row of the challenger's own report); when it
+wins, the frozen base itself is registered as an adapter-free version and made champion
+(:func:`gara.registry.register.register_frozen_base`), so ``models:/NAME@champion`` always
+resolves, and never to a model that lost to the base. A champion scored on another
+evaluation set is re-scored on the challenger's (``rescore``, supplied by the caller: the CLI
+evaluates it on the current ``evaluate`` settings) and then paired.
 
 Every decision is written on the challenger version as ``gara.*`` tags: the decision, the
-reason, both scores and what it was compared with. A promoted version also records
-``gara.previous_champion``, which ``rollback`` follows.
+reason, the paired differences with their intervals, both scores and what it was compared
+with. A promoted version also records ``gara.previous_champion``, which ``rollback`` follows.
 
 Races: deciding and moving the alias happen under :func:`gara.registry.store.promotion_lock`,
 and the champion is read again right before the alias moves; if it changed, the decision is
@@ -21,18 +31,23 @@ one as champion, never with the alias on a version that lost.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from gara.config import GateConfig, Params
+from gara.evaluate.paired import Interval, SourceBootstrap
 from gara.fsutil import atomic_write_json
 from gara.registry.store import CHAMPION, client_for, promotion_lock, registry_uri
 
-# rescore(champion_version) -> (gate score, clear score, evaluation set id)
-Rescore = Callable[[Any], tuple[float, float, str]]
+# rescore(champion_version) -> (its per-instance records on the current evaluation set, that set's id)
+Rescore = Callable[[Any], tuple[pd.DataFrame, str]]
+CHALLENGER_ROW, INCUMBENT_ROW = "challenger", "incumbent"
 
 
 class PromotionError(ValueError):
@@ -51,12 +66,14 @@ class Decision:
     challenger_clear: float
     incumbent_clear: float | None
     champion: str | None  # the champion version after the decision
+    gate_difference: dict[str, float | int] | None = None  # Interval.as_dict() of challenger - incumbent
+    clear_difference: dict[str, float | int] | None = None
 
     def tags(self) -> dict[str, str]:
         def fmt(v: float | None) -> str:
             return "" if v is None else f"{v:.4f}"
 
-        return {
+        tags = {
             "gara.decision": "promoted" if self.promoted else "rejected",
             "gara.decision_reason": self.reason,
             "gara.compared_with": self.compared_with,
@@ -66,6 +83,10 @@ class Decision:
             "gara.incumbent_clear_score": fmt(self.incumbent_clear),
             "gara.decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        for label, diff in (("gate", self.gate_difference), ("clear", self.clear_difference)):
+            for key, value in (diff or {}).items():
+                tags[f"gara.{label}_{key}"] = str(value)
+        return tags
 
 
 def _tag_float(version, key: str) -> float:
@@ -76,20 +97,23 @@ def _tag_float(version, key: str) -> float:
     return float(value)
 
 
-def judge(gate: GateConfig, challenger: tuple[float, float], incumbent: tuple[float, float], label: str
-          ) -> tuple[bool, str]:
-    """(promoted, reason) for challenger vs incumbent (gate score, clear score)."""
-    (c_gate, c_clear), (i_gate, i_clear) = challenger, incumbent
-    need = i_gate + gate.margin
-    if c_gate < need:
-        return False, (f"{gate.metric} {c_gate:.2f} does not beat {label}'s {i_gate:.2f} by the margin "
-                       f"{gate.margin:g} (needs >= {need:.2f})")
-    if c_clear < i_clear - gate.max_clear_drop:
-        return False, (f"{gate.metric} {c_gate:.2f} beats {label}'s {i_gate:.2f}, but {gate.clear_metric} "
-                       f"{c_clear:.2f} is more than {gate.max_clear_drop:g} below {label}'s {i_clear:.2f}")
-    return True, (f"{gate.metric} {c_gate:.2f} beats {label}'s {i_gate:.2f} by {c_gate - i_gate:.2f} "
-                  f"(margin {gate.margin:g}); {gate.clear_metric} {c_clear:.2f} vs {i_clear:.2f} "
-                  f"(max drop {gate.max_clear_drop:g})")
+def _split_metric(path: str) -> tuple[str, str, str]:
+    part, kind, metric = path.split(".")
+    return part, kind, metric
+
+
+def judge(gate: GateConfig, gate_diff: Interval, clear_diff: Interval, label: str) -> tuple[bool, str]:
+    """(promoted, reason) from the paired differences challenger - incumbent."""
+    evidence = (f"{gate.metric} {gate_diff.describe()}, {gate.clear_metric} {clear_diff.describe()} "
+                f"against {label} ({gate_diff.n_sources} source images)")
+    if gate_diff.ci_low <= gate.margin:
+        return False, (f"{evidence}: the {gate.metric} interval does not lie above the margin "
+                       f"{gate.margin:g}")
+    if clear_diff.ci_low <= -gate.max_clear_drop:
+        return False, (f"{evidence}: the {gate.clear_metric} interval reaches below "
+                       f"-{gate.max_clear_drop:g} (max_clear_drop)")
+    return True, (f"{evidence}: a measurable gain (margin {gate.margin:g}, "
+                  f"max_clear_drop {gate.max_clear_drop:g})")
 
 
 def _champion(client, name: str):
@@ -101,67 +125,112 @@ def _champion(client, name: str):
         return None
 
 
-def _incumbent_scores(challenger, champion, rescore: Rescore | None) -> tuple[float, float, str]:
-    """The champion's scores on the challenger's evaluation set."""
+def version_records(client, version) -> pd.DataFrame:
+    """The per-instance records that a version was registered with (its report's records.csv)."""
+    from mlflow.exceptions import MlflowException
+
+    from gara.registry.register import RECORDS_ARTIFACT
+
+    with tempfile.TemporaryDirectory(prefix="gara-records-") as tmp:
+        try:
+            local = client.download_artifacts(version.run_id, RECORDS_ARTIFACT, tmp)
+        except (MlflowException, OSError) as exc:
+            raise PromotionError(
+                f"version {version.version}: its run {version.run_id} has no {RECORDS_ARTIFACT} to pair "
+                f"with ({exc}); register it again with this version of gara") from None
+        return pd.read_csv(local)
+
+
+def _rows(records: pd.DataFrame, model: str, label: str, where: str) -> pd.DataFrame:
+    rows = records[records["model"] == model]
+    if rows.empty:
+        raise PromotionError(f"{where}: no records of model row {model!r}")
+    return rows.assign(model=label)
+
+
+def _incumbent_records(challenger, champion, client, rescore: Rescore | None) -> tuple[pd.DataFrame, str]:
+    """The champion's records on the challenger's evaluation set, and how they were obtained."""
     wanted = challenger.tags.get("gara.evaluation_set")
     if champion.tags.get("gara.evaluation_set") == wanted:
-        return (_tag_float(champion, "gara.gate_score"), _tag_float(champion, "gara.clear_score"),
-                f"version {champion.version}")
+        records = version_records(client, champion)
+        return _rows(records, champion.tags["gara.candidate"], INCUMBENT_ROW,
+                     f"champion version {champion.version}"), f"version {champion.version}"
     if rescore is None:
         raise PromotionError(
             f"champion version {champion.version} was evaluated on set "
             f"{champion.tags.get('gara.evaluation_set')}, "
             f"challenger {challenger.version} on {wanted}: the scores are not comparable and no re-scoring "
             "was possible")
-    gate_score, clear_score, got = rescore(champion)
+    records, got = rescore(champion)
     if got != wanted:
         raise PromotionError(
             f"re-scoring champion version {champion.version} used evaluation set {got}, but challenger "
             f"{challenger.version} was scored on {wanted}: re-run gara evaluate and gara register with the "
             "current evaluate settings")
-    return gate_score, clear_score, f"version {champion.version} (re-scored on set {wanted})"
+    return records.assign(model=INCUMBENT_ROW), f"version {champion.version} (re-scored on set {wanted})"
 
 
 def evaluation_rescorer(params: Params, progress: bool = False) -> Rescore:
     """Re-score a champion with ``gara evaluate`` on the current ``evaluate`` settings."""
 
-    def rescore(champion) -> tuple[float, float, str]:
-        from gara.evaluate.report import build_metrics
+    def rescore(champion) -> tuple[pd.DataFrame, str]:
         from gara.evaluate.runner import evaluate_models, resolve_model
-        from gara.registry.register import summary_value
 
         spec = f"champion=models:/{params.registry.name}/{champion.version}"
         name, segmenter = resolve_model(spec, params.model, registry_uri(params))
         result = evaluate_models({name: segmenter}, params.evaluate.data, params.evaluate, progress=progress)
-        summary = build_metrics(result)["models"][name]["summary"]
-        where = f"re-scored champion version {champion.version}"
-        gate = params.registry.gate
-        return (summary_value(summary, gate.metric, where), summary_value(summary, gate.clear_metric, where),
-                result.evaluation_set)
+        return result.records, result.evaluation_set
 
     return rescore
 
 
-def decide(name: str, challenger, champion, gate: GateConfig, rescore: Rescore | None) -> Decision:
+@dataclass
+class _Evidence:
+    records: pd.DataFrame  # challenger and incumbent rows, paired
+    compared_with: str
+    label: str
+    base_wins_champion: bool  # no champion yet: the frozen base is the incumbent (and champion if it holds)
+
+
+def decide(name: str, challenger, champion, params: Params, client, rescore: Rescore | None
+           ) -> tuple[Decision, _Evidence | None]:
+    gate = params.registry.gate
     c_scores = (_tag_float(challenger, "gara.gate_score"), _tag_float(challenger, "gara.clear_score"))
     if champion is not None and str(champion.version) == str(challenger.version):
         return Decision(name, str(challenger.version), False, "already champion", "itself",
-                        *_pairs(c_scores, c_scores), champion=str(champion.version))
+                        *_pairs(c_scores, c_scores), champion=str(champion.version)), None
+    records = version_records(client, challenger)
+    mine = _rows(records, challenger.tags["gara.candidate"], CHALLENGER_ROW, f"version {challenger.version}")
     if champion is None:
-        if "gara.base_gate_score" not in challenger.tags:
+        base_row = params.registry.base_row
+        if base_row not in set(records["model"]):
             raise PromotionError(
                 f"version {challenger.version}: no champion yet and its report has no frozen-base row "
-                "(evaluate with --model base) to beat")
-        i_scores = (_tag_float(challenger, "gara.base_gate_score"),
-                    _tag_float(challenger, "gara.base_clear_score"))
-        label, compared = "the frozen base", "base"
+                f"{base_row!r} (evaluate with --model base) to beat")
+        theirs = _rows(records, base_row, INCUMBENT_ROW, f"version {challenger.version}")
+        evidence = _Evidence(pd.concat([mine, theirs]), "base", "the frozen base", True)
     else:
-        gate_score, clear_score, compared = _incumbent_scores(challenger, champion, rescore)
-        i_scores, label = (gate_score, clear_score), f"champion v{champion.version}"
-    promoted, reason = judge(gate, c_scores, i_scores, label)
+        theirs, compared = _incumbent_records(challenger, champion, client, rescore)
+        evidence = _Evidence(pd.concat([mine, theirs]), compared, f"champion v{champion.version}", False)
+    boot = SourceBootstrap(evidence.records, params.evaluate.bootstrap)
+    diffs, values = [], []
+    for path in (gate.metric, gate.clear_metric):
+        part, kind, metric = _split_metric(path)
+        diff = boot.difference(CHALLENGER_ROW, INCUMBENT_ROW, part, kind, metric)
+        incumbent = boot.value(INCUMBENT_ROW, part, kind, metric)
+        if diff is None or incumbent is None:
+            raise PromotionError(
+                f"version {challenger.version}: {path} was not evaluated on set "
+                f"{challenger.tags.get('gara.evaluation_set')}; the gate cannot decide on it")
+        diffs.append(diff)
+        values.append(incumbent.delta)
+    promoted, reason = judge(gate, diffs[0], diffs[1], evidence.label)
     after = challenger.version if promoted else (champion.version if champion else None)
-    return Decision(name, str(challenger.version), promoted, reason, compared, *_pairs(c_scores, i_scores),
-                    champion=None if after is None else str(after))
+    decision = Decision(name, str(challenger.version), promoted, reason, evidence.compared_with,
+                        *_pairs(c_scores, (values[0], values[1])),
+                        champion=None if after is None else str(after),
+                        gate_difference=diffs[0].as_dict(), clear_difference=diffs[1].as_dict())
+    return decision, evidence
 
 
 def _pairs(c: tuple[float, float], i: tuple[float, float]) -> tuple[float, float, float, float]:
@@ -174,7 +243,10 @@ def promote(
     rescore: Rescore | None = None,
     out: str | Path | None = None,
 ) -> Decision:
-    """Decide challenger ``version`` against the current champion; move the alias if it wins."""
+    """Decide challenger ``version`` against the current champion; move the alias if it wins.
+
+    With no champion yet and a challenger that does not beat the frozen base, the frozen base
+    is registered (adapter-free) and becomes champion."""
     from mlflow.exceptions import MlflowException
 
     name = params.registry.name
@@ -187,7 +259,7 @@ def promote(
     with promotion_lock(uri, name):
         while True:
             champion = _champion(client, name)
-            decision = decide(name, challenger, champion, params.registry.gate, rescore)
+            decision, evidence = decide(name, challenger, champion, params, client, rescore)
             # Optimistic check: the champion must still be the one we decided against.
             now = _champion(client, name)
             if (now.version if now else None) == (champion.version if champion else None):
@@ -200,9 +272,28 @@ def promote(
                 client.set_model_version_tag(name, challenger.version, key, value)
             if decision.promoted:
                 client.set_registered_model_alias(name, CHAMPION, challenger.version)
+            elif evidence is not None and evidence.base_wins_champion:
+                decision.champion = _crown_frozen_base(params, client, challenger, evidence)
     if out is not None:
         atomic_write_json(Path(out), asdict(decision))
     return decision
+
+
+def _crown_frozen_base(params: Params, client, challenger, evidence: _Evidence) -> str:
+    """No champion, and the challenger did not beat the frozen base: the base becomes champion."""
+    from gara.registry.register import register_frozen_base
+
+    rows = evidence.records[evidence.records["model"] == INCUMBENT_ROW]
+    records = rows.assign(model=params.registry.base_row)
+    experiment_id = client.get_run(challenger.run_id).info.experiment_id
+    base = register_frozen_base(params, records, challenger.tags["gara.evaluation_set"],
+                                challenger.tags.get("gara.evaluation_dataset", ""), experiment_id)
+    reason = (f"no adapter has beaten the frozen base yet (version {challenger.version} did not, on "
+              f"evaluation set {challenger.tags.get('gara.evaluation_set')}): the frozen base is champion")
+    client.set_model_version_tag(params.registry.name, base.version, "gara.decision", "promoted")
+    client.set_model_version_tag(params.registry.name, base.version, "gara.decision_reason", reason)
+    client.set_registered_model_alias(params.registry.name, CHAMPION, base.version)
+    return base.version
 
 
 @dataclass

@@ -8,8 +8,15 @@ model (:mod:`gara.registry.model`) is logged into the run and registered under
 new version gets the alias ``challenger``; only :mod:`gara.registry.promote` hands out
 ``champion``.
 
+The report's ``records.csv`` (per-instance scores) travels with it: the promotion gate pairs
+a challenger with the champion image by image from these records.
+
 Registering the same run, adapter and evaluation set again returns the existing version
 (a retried flow task or a re-run stage does not pile up duplicates).
+
+:func:`register_frozen_base` registers the frozen base itself (an adapter-free version, with
+the base's rows of a report as its evidence): promotion makes it champion when no adapter
+has beaten it, so ``models:/NAME@champion`` always resolves to the best model known.
 """
 
 from __future__ import annotations
@@ -28,7 +35,10 @@ from gara.registry.model import ADAPTER_ARTIFACT, signature
 from gara.registry.store import CHALLENGER, client_for, registry_uri
 from gara.tracking import active_store, flatten_tree, redact_uri
 
-REPORT_FILES = ("metrics.json", "report.md")
+REPORT_FILES = ("metrics.json", "report.md", "paired.csv", "records.csv")
+RECORDS_ARTIFACT = "evaluation/records.csv"  # per-instance scores the gate pairs
+FROZEN_BASE_RUN = "frozen-base"
+NO_ADAPTER = "none"  # adapter_kind of the frozen base's versions
 LINEAGE_TAGS = (
     "git_commit", "dvc_data_hash", "base_checkpoint", "base_checkpoint_sha256", "corruption_set",
     "backbone", "adapter_kind",
@@ -156,6 +166,10 @@ def register(
         raise RegistrationError(
             f"{report_dir / 'metrics.json'}: no model row {candidate!r} (rows: {sorted(rows)}); "
             "set registry.candidate or --candidate")
+    if not (report_dir / "records.csv").is_file():
+        raise RegistrationError(
+            f"{report_dir / 'records.csv'}: missing; the promotion gate pairs models image by image "
+            "from it (re-run gara evaluate)")
     recorded = rows[candidate].get("adapter_weights_sha256")
     if recorded and recorded != manifest.weights_sha256:
         raise RegistrationError(
@@ -183,19 +197,70 @@ def register(
         for key, value in sorted(_flat_metrics(summary).items()):
             client.log_metric(run_id, key, value)
         model_uri, model_id = _log_pyfunc(uri, run_id, adapter_dir, manifest)
-        _ensure_registered_model(client, name)
         version = _create_version(client, name, model_uri, model_id, run_id, tags, metrics, candidate)
         created = True
     client.set_registered_model_alias(name, CHALLENGER, version)
-    result = RegisteredVersion(
-        name=name, version=str(version), run_id=run_id, model_uri=f"models:/{name}/{version}",
-        candidate=candidate, gate_score=float(tags["gara.gate_score"]),
-        clear_score=float(tags["gara.clear_score"]), evaluation_set=tags["gara.evaluation_set"],
-        created=created,
-    )
+    result = _registered(name, version, run_id, tags, created)
     if out is not None:
         atomic_write_json(Path(out), asdict(result))
     return result
+
+
+def register_frozen_base(params: Params, records: Any, evaluation_set: str, dataset: str, experiment_id: str
+                         ) -> RegisteredVersion:
+    """The frozen base of ``params.model`` as an adapter-free version, its evidence the base's
+    per-instance ``records`` (the report rows of ``registry.base_row``) on ``evaluation_set``.
+
+    Idempotent: the same base bytes on the same evaluation set return the existing version.
+    Never aliased here; promotion decides."""
+    import pandas as pd
+
+    from gara.evaluate.report import summarize_model
+    from gara.models.adapter_io import save_frozen_base
+    from gara.models.factory import build_segmenter
+    from gara.train.lineage import git_commit, project_root
+
+    name, base_row = params.registry.name, params.registry.base_row
+    uri = registry_uri(params)
+    client = client_for(uri)
+    segmenter = build_segmenter(params.model, with_adapter=False)
+    sha = str(segmenter.checkpoint_sha256)
+    for v in client.search_model_versions(f"name = '{name}'"):
+        if (v.tags.get("adapter_kind") == NO_ADAPTER and v.tags.get("base_checkpoint_sha256") == sha
+                and v.tags.get("gara.evaluation_set") == evaluation_set):
+            return _registered(name, v.version, v.run_id, v.tags, created=False)
+    rows = records[records["model"] == base_row]
+    if rows.empty:
+        raise RegistrationError(f"no records of the frozen base (row {base_row!r}) to register it with")
+    with tempfile.TemporaryDirectory(prefix="gara-base-") as tmp:
+        folder = save_frozen_base(segmenter, Path(tmp) / "adapter")
+        manifest = read_manifest(folder)
+        run_tags = {"git_commit": git_commit(project_root()), "backbone": manifest.backbone,
+                    "adapter_kind": NO_ADAPTER, "base_checkpoint": str(manifest.base_checkpoint),
+                    "base_checkpoint_sha256": sha, "mlflow.runName": FROZEN_BASE_RUN}
+        run = client.create_run(experiment_id, tags=run_tags)
+        run_id = run.info.run_id
+        rows_file = Path(tmp) / "records.csv"
+        pd.DataFrame(rows).to_csv(rows_file, index=False)
+        client.log_artifact(run_id, str(rows_file), "evaluation")
+        summary = summarize_model(rows, base_row)["summary"]
+        metrics = {"evaluation_set": evaluation_set, "dataset": dataset,
+                   "models": {base_row: {"summary": summary}}}
+        tags = version_tags(run_tags, metrics, base_row, params, manifest.weights_sha256)
+        model_uri, model_id = _log_pyfunc(uri, run_id, folder, manifest)
+        client.set_terminated(run_id, "FINISHED")
+    version = _create_version(client, name, model_uri, model_id, run_id, tags, metrics, base_row)
+    return _registered(name, version, run_id, tags, created=True)
+
+
+def _registered(name: str, version: str, run_id: str, tags: dict[str, str], created: bool
+                ) -> RegisteredVersion:
+    return RegisteredVersion(
+        name=name, version=str(version), run_id=run_id, model_uri=f"models:/{name}/{version}",
+        candidate=tags["gara.candidate"], gate_score=float(tags["gara.gate_score"]),
+        clear_score=float(tags["gara.clear_score"]), evaluation_set=tags["gara.evaluation_set"],
+        created=created,
+    )
 
 
 def _log_pyfunc(uri: str, run_id: str, adapter_dir: Path, manifest) -> tuple[str, str]:
@@ -218,7 +283,7 @@ def _log_pyfunc(uri: str, run_id: str, adapter_dir: Path, manifest) -> tuple[str
                 pip_requirements=[f"gara-sam=={_package_version()}"],
                 metadata={
                     "backbone": manifest.backbone,
-                    "adapter_kind": manifest.adapter.kind,
+                    "adapter_kind": manifest.adapter.kind if manifest.adapter else NO_ADAPTER,
                     "base_checkpoint": manifest.base_checkpoint,
                     "base_checkpoint_sha256": manifest.base_checkpoint_sha256,
                     "adapted_layers": manifest.adapted_layers,
@@ -252,6 +317,7 @@ def _ensure_registered_model(client, name: str) -> None:
 
 
 def _create_version(client, name, model_uri, model_id, run_id, tags, metrics, candidate) -> str:
+    _ensure_registered_model(client, name)
     base = metrics["models"].get("base", {}).get("summary")
     lines = [f"Registered from report row `{candidate}` (evaluation set {tags['gara.evaluation_set']}).",
              f"{tags['gara.gate_metric']}: {tags['gara.gate_score']}; "
