@@ -1,6 +1,9 @@
 """End to end on the embedded default: DVC pulls the sample, corrupts it, Ray Train trains a
-GaRA adapter on LiteMedSAM (2 CPU workers), and the evaluation compares it with the frozen
-base on the same images and prompts.
+GaRA adapter on LiteMedSAM (2 CPU workers), the evaluation compares it with the frozen base
+on the same images and prompts, and the gate decides on the paired interval.
+
+Whether GaRA beats the base at this budget is a research result, measured with its spread
+over training seeds by ``bench/bench_seeds.py``; this test checks the pipeline's contract.
 
 Runs in a fresh clone of this repository's HEAD (as a user would), with this interpreter's
 environment; takes several minutes on 2 cores.
@@ -48,7 +51,8 @@ def env() -> dict[str, str]:
     return env
 
 
-def test_gara_beats_the_frozen_base_on_degraded_images(clone: Path, env: dict[str, str]):
+def test_pipeline_trains_evaluates_gates_on_intervals_and_serves_the_champion(clone: Path,
+                                                                              env: dict[str, str]):
     dvc = [sys.executable, "-m", "dvc"]
     _run([*dvc, "pull", "data.dvc"], clone, env)  # the in-repo store: no credentials, no network
     assert (clone / "data" / "val" / "annotations.json").is_file()
@@ -63,33 +67,37 @@ def test_gara_beats_the_frozen_base_on_degraded_images(clone: Path, env: dict[st
 
     out = clone / "reports" / "e2e"
     _run([sys.executable, "-m", "gara.cli", "evaluate", "--params", "params.yaml", "--out", str(out),
-          "--model", "base", "--model", f"gara={adapter}"], clone, env)
+          "--model", "base", "--model", f"gara={adapter}", "--no-progress"], clone, env)
     metrics = json.loads((out / "metrics.json").read_text())
-    base = metrics["models"]["base"]["summary"]
-    gara = metrics["models"]["gara"]["summary"]
-    for split in ("degrade", "clear"):
-        print(f"box IoU {split}: base {base[split]['box']['iou']:.2f}, gara {gara[split]['box']['iou']:.2f}")
-    assert metrics["primary"] == "gara" and metrics["summary"] == gara
-    assert gara["degrade"]["box"]["iou"] > base["degrade"]["box"]["iou"]
-    assert gara["clear"]["box"]["iou"] >= base["clear"]["box"]["iou"] - 1.0
+    gara = metrics["models"]["gara"]
+    assert metrics["primary"] == "gara" and metrics["summary"] == gara["summary"]
+    # The gate's evaluation set: >= 24 distinct source photos, every corruption type present.
+    assert metrics["images"]["source_images"] >= 24 and len(metrics["corruption_types"]) == 17
+    gain = gara["paired"]["base"]["degrade"]["box"]["iou"]
+    clear = gara["paired"]["base"]["clear"]["box"]["iou"]
+    for name, cell in (("degrade", gain), ("clear", clear)):
+        print(f"gara - base, box IoU {name}: {cell['delta']:+.2f} "
+              f"[{cell['ci_low']:+.2f}, {cell['ci_high']:+.2f}] over {cell['n_sources']} sources")
+        assert cell["ci_low"] <= cell["delta"] <= cell["ci_high"] and cell["n_sources"] >= 24
 
-    # Register and gate it in the repo's own store, then pull it as a teammate would: from the
-    # repository root with no configuration (gara predict finds mlflow.db by itself).
+    # Register and gate it in the repo's own store, then pull the champion as a teammate would:
+    # from the repository root with no configuration (gara predict finds mlflow.db by itself).
     gara_cli = [sys.executable, "-m", "gara.cli"]
     registered, promotion = clone / "reports" / "registered.json", clone / "reports" / "promotion.json"
     _run([*gara_cli, "register", "--adapter", str(adapter), "--report", str(out), "--out", str(registered)],
          clone, env)
     _run([*gara_cli, "promote", "--registered", str(registered), "--out", str(promotion)], clone, env)
     decision = json.loads(promotion.read_text())
-    wins = gara["degrade"]["box"]["iou"] >= base["degrade"]["box"]["iou"] + 0.5 and (
-        gara["clear"]["box"]["iou"] >= base["clear"]["box"]["iou"] - 1.0)
+    wins = gain["ci_low"] > 0 and clear["ci_low"] > -1.0  # params.yaml's gate: margin 0, max_clear_drop 1
     assert decision["compared_with"] == "base" and decision["promoted"] == wins, decision
+    assert decision["gate_difference"] == gain  # the gate read the report's own interval
+    registered_version = json.loads(registered.read_text())["version"]
+    assert (decision["champion"] == registered_version) == wins  # else the frozen base is champion
 
     coco = json.loads((clone / "data" / "val" / "annotations.json").read_text())
     image = coco["images"][0]
     x, y, w, h = next(a["bbox"] for a in coco["annotations"] if a["image_id"] == image["id"])
-    model = [] if wins else ["--model", "models:/gara-sam@challenger"]
     box = f"{x},{y},{x + w},{y + h}"
-    _run([*gara_cli, "predict", "--image", f"data/val/{image['file_name']}", "--box", box,
-          "--out", "mask.png", *model], clone, env)
+    photo = f"data/val/{image['file_name']}"
+    _run([*gara_cli, "predict", "--image", photo, "--box", box, "--out", "mask.png"], clone, env)
     assert (clone / "mask.png").stat().st_size > 0
