@@ -233,3 +233,22 @@ def test_encoder_stages_run_the_encoders_own_forward_and_find_the_frozen_prefix(
             whole = seg.encode(x)
             split = run_stages(stages, run_stages(stages, x, stop=length), start=length)
         assert torch.equal(whole, split)
+
+
+def test_gate_bias_starts_every_component_on():
+    """gate_bias > 0: every component is on at evaluation and in (nearly) every training draw,
+    so GaRA starts as a LoRA of the space its gate picks; 0 leaves it to the random init."""
+    x = torch.randn(4, 64, 128)
+    for bias, expect_all in ((4.0, True), (0.0, False)):
+        seg = make_segmenter("vit_tiny", "gara", low_rank=8, high_rank=32, gate_bias=bias)
+        layer = next(m for m in seg.modules() if isinstance(m, GaRALinear))
+        layer.eval()
+        coeff, space = layer.gate_coefficients(x.mean(dim=1))
+        active = (coeff != 0).sum(dim=-1)
+        full = torch.where(space > 0.5, torch.full_like(active, 32), torch.full_like(active, 8))
+        assert torch.equal(active, full) == expect_all, (bias, active.tolist())
+        layer.train()
+        torch.manual_seed(0)
+        coeff, space = layer.gate_coefficients(x.mean(dim=1).repeat(50, 1))
+        on = (coeff != 0).float().sum() / torch.where(space > 0.5, 32.0, 8.0).sum()
+        assert (on > 0.95) == expect_all, (bias, float(on))

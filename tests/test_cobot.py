@@ -322,3 +322,30 @@ def test_training_steps_reach_and_change_every_cobot_tensor(kind):
                 continue
         assert params[name].grad.abs().sum() > 0, f"{name}: zero gradient"
         assert not torch.equal(params[name].detach(), before), f"{name} did not change"
+
+
+def test_cobot_gamma_sets_the_bottleneck_scale_at_the_start():
+    """The authors' init doubles the bottleneck (u = (c + gamma) z = 2z); cobot_gamma=0 starts
+    at plain LoRA's scale: with the same A and B, LoRA+COBOT then equals LoRA exactly."""
+    doubled = make_segmenter("vit_tiny", "lora", rank=4, cobot=True)
+    unit = make_segmenter("vit_tiny", "lora", rank=4, cobot=True, cobot_gamma=0.0)
+    plain = make_segmenter("vit_tiny", "lora", rank=4)
+    for name, layer in adapter_layers(doubled).items():
+        assert torch.equal(layer.cobot.scales(), torch.full_like(layer.cobot.scales(), 2.0))
+        assert torch.equal(adapter_layers(unit)[name].cobot.scales(), torch.ones_like(layer.cobot.scales()))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, layer in adapter_layers(plain).items():
+            for part, b in layer.lora_B.items():
+                b.normal_(std=0.05)
+                adapter_layers(unit)[name].lora_B[part].copy_(b)
+                adapter_layers(doubled)[name].lora_B[part].copy_(b)
+            for seg in (unit, doubled):
+                adapter_layers(seg)[name].lora_A.copy_(layer.lora_A)
+    batch, prompts, _ = batch_for(plain)
+    base = make_segmenter("vit_tiny", None)
+    with torch.no_grad():
+        frozen, lora = outputs(base, batch, prompts), outputs(plain, batch, prompts)
+        assert torch.allclose(outputs(unit, batch, prompts), lora, atol=1e-5)
+        assert not torch.allclose(outputs(doubled, batch, prompts), lora, atol=1e-3)
+        assert not torch.equal(lora, frozen)

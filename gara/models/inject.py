@@ -48,6 +48,7 @@ def _make_layer(config: AdapterConfig, target: nn.Module, parent: nn.Module) -> 
         tau=config.tau,
         scale=config.scale,
         cobot=config.cobot,
+        gate_bias=config.gate_bias,
     )
 
 
@@ -92,7 +93,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig) -> list[str]:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, attr, _make_layer(config, getattr(parent, attr), parent))
-    shared = connect_units(model)
+    shared = connect_units(model, gamma=config.cobot_gamma)
     if shared is not None:
         model.add_module(SHARED_NAME, shared)
     return targets

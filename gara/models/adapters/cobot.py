@@ -12,7 +12,9 @@ projection (see below). With L units in the encoder:
 W_h's block form is [[R, I, J, K], [-I, R, K, -J], [-J, -K, R, I], [-K, J, -I, R]] with
 learned (r/4) x (r/4) blocks R, I, J, K; the H_m are the fixed Hamilton sign matrices.
 
-Initialisation: C = 1, P = I, gamma = 1 (the method's), so u = 2 z at the start; R = I and
+Initialisation: C = 1, P = I, gamma = 1 (the method's: the authors' released code adds the
+identity path to C P, so u = 2 z at the start, twice plain LoRA's update; AdapterConfig.
+cobot_gamma = 0 starts at u = z instead); R = I and
 I = J = K = 0 (ours: the method is silent), so W_h = I, a perfectly conditioned head that
 passes u through unchanged. With the up-projection B at zero the adapted model therefore
 starts exactly at the frozen one, as without COBOT.
@@ -159,12 +161,16 @@ class CobotUnits(nn.Module):
         return f"parts={self.parts}, spaces={list(self.spaces)}, first_unit={self.first}"
 
 
-def connect_units(model: nn.Module) -> CobotShared | None:
+def connect_units(model: nn.Module, gamma: float = 1.0) -> CobotShared | None:
     """Number every COBOT unit of ``model`` in module order and bind them to one new
-    CobotShared (returned; the caller registers it on the model). None without units."""
+    CobotShared (returned; the caller registers it on the model), every unit's gamma starting
+    at ``gamma`` (AdapterConfig.cobot_gamma). None without units."""
     groups = [m for m in model.modules() if isinstance(m, CobotUnits)]
     if not groups:
         return None
+    with torch.no_grad():
+        for group in groups:
+            group.gamma.fill_(gamma)
     ranks: list[int] = []
     firsts = []
     for group in groups:

@@ -49,6 +49,14 @@ class AdapterConfig(BaseModel):
     space_gate_hidden: int = Field(64, ge=1)
     component_gate_hidden: int = Field(16, ge=1)
     tau: float = Field(0.5, gt=0)
+    # Initial bias of GaRA's component-gate logits. 0 (our reading; the paper is silent): at
+    # the start a component is on in ~63% of training steps (Gumbel noise decides) and, at
+    # evaluation, wherever its random initial logit is positive. > 0 starts every component
+    # on (GaRA begins as a LoRA of the chosen space) and lets the gates learn to switch off.
+    gate_bias: float = 0.0
+    # Initial gamma of every COBOT unit: 1 = the authors' released code, u = (c + gamma) A x =
+    # 2 A x at the start (twice plain LoRA's update); 0 = start at plain LoRA's scale.
+    cobot_gamma: float = 1.0
     dropout: float = Field(0.1, ge=0, lt=1)  # Adaptformer's bottleneck dropout (AdaptFormer: 0.1)
     scale: float = 1.0
 
