@@ -276,7 +276,8 @@ def test_metrics_json_contract_and_clear_degrade_split(oracle_run: dict[str, Any
     clean = on_disk["table"]["clean"]["0"]["box"]
     assert clean == {"iou": 100.0, "dice": 100.0, "n_images": 2, "n_instances": 4}
     assert on_disk["images"] == {"evaluated": 8, "source_images": 2, "clean": 2, "corrupted": 6,
-                                 "skipped_without_instances": 0, "instances": 16}
+                                 "skipped_without_instances": 0, "instances": 16,
+                                 "source_kinds": {"untagged": 2}}
     assert on_disk["corruption_types"] == ["fog", "gaussian_noise"] and on_disk["severities"] == [1, 3]
     for model in on_disk["models"].values():  # every leaf of every summary is on 0-100 (or null)
         for part in ("clear", "degrade"):
@@ -327,6 +328,16 @@ def test_a_shared_frozen_prefix_changes_no_models_numbers(tiny_config: ModelConf
         alone = evaluate_models({name: model}, tagged, config, progress=False).records
         pd.testing.assert_frame_equal(together[together["model"] == name].reset_index(drop=True), alone)
     assert together.groupby("model")["iou"].mean().nunique() == 3  # the adapters do change the masks
+
+
+def test_source_kinds_count_distinct_source_images_by_tag() -> None:
+    from gara.evaluate.runner import ImageInfo, source_kinds
+
+    coco = {"images": [{"id": 1, "source": "photo"}, {"id": 2, "source": "photo"},
+                       {"id": 3, "source": "composite"}, {"id": 4}]}
+    infos = [ImageInfo(0, 1, 1, "clean", 0), ImageInfo(1, 2, 1, "fog", 3),  # one photo, two variants
+             ImageInfo(2, 3, 3, "clean", 0), ImageInfo(3, 4, 4, "clean", 0)]
+    assert source_kinds(coco, infos) == {"composite": 1, "photo": 1, "untagged": 1}
 
 
 def test_a_model_that_edits_its_prompts_is_refused(tagged: Path) -> None:

@@ -12,7 +12,8 @@ Definitions (every number on 0-100):
 ``metrics.json`` layout (numbers at the leaves, for ``dvc metrics show``)::
 
     primary, dataset, evaluation_set (fingerprint of images, labels and prompt settings),
-    prompts{kinds, n_points, seed}, images{...counts}, corruption_types, severities
+    prompts{kinds, n_points, seed}, images{...counts, source_kinds{photo|composite|untagged}},
+    corruption_types, severities
     summary{clear|degrade}{box|point}{iou, dice}     for the primary (last) model
     summary.effective_rank{all, clear, degrade}      GaRA models only
     table[corruption][severity][kind]{iou, dice, n_images, n_instances}   ("clean" -> "0")
@@ -148,6 +149,7 @@ def build_metrics(result: EvaluationResult, boot: SourceBootstrap | None = None)
         "images": {
             "evaluated": len(images),
             "source_images": len({i.source_image_id for i in images}),
+            "source_kinds": dict(result.source_kinds),
             "clean": sum(i.is_clean for i in images),
             "corrupted": sum(not i.is_clean for i in images),
             "skipped_without_instances": len(result.skipped),
@@ -254,6 +256,13 @@ def _write_paired(out: io.StringIO, metrics: dict[str, Any], names: Sequence[str
     out.write(_markdown_table(header, rows))
 
 
+def _kinds(kinds: dict[str, int]) -> str:
+    """': 1 photo, 31 composite' for tagged sources; nothing for an untagged dataset."""
+    if not kinds or set(kinds) == {"untagged"}:
+        return ""
+    return ": " + ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+
+
 def render_markdown(metrics: dict[str, Any], result: EvaluationResult, boot: SourceBootstrap) -> str:
     kind = "box" if "box" in result.kinds else result.kinds[0]
     types: list[str] = metrics["corruption_types"]
@@ -263,7 +272,8 @@ def render_markdown(metrics: dict[str, Any], result: EvaluationResult, boot: Sou
     out = io.StringIO()
     out.write("# Evaluation report\n\n")
     out.write(
-        f"Dataset `{metrics['dataset']}`: {n['evaluated']} images ({n['source_images']} source images, "
+        f"Dataset `{metrics['dataset']}`: {n['evaluated']} images ({n['source_images']} source images"
+        f"{_kinds(n.get('source_kinds') or {})}, "
         f"{n['clean']} clean, {n['corrupted']} corrupted), {n['instances']} instances; "
         f"{n['skipped_without_instances']} images without instances left out. Prompts: "
         f"{', '.join(result.kinds)} ({result.n_points} positive points), seed {result.seed}. "

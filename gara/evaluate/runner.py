@@ -301,6 +301,9 @@ class EvaluationResult:
     seconds: float
     gara_models: list[str] = field(default_factory=list)
     evaluation_set: str = ""  # fingerprint of images + labels + prompt settings (evaluation_set_id)
+    # Distinct source images by their entry's "source" tag (the embedded sample: "photo" for a
+    # real labelled photo, "composite" for a copy-paste image; "untagged" otherwise).
+    source_kinds: dict[str, int] = field(default_factory=dict)
     adapter_weights: dict[str, str | None] = field(default_factory=dict)  # model -> weights sha256
 
     @property
@@ -330,6 +333,16 @@ def evaluation_set_id(
         digest.update(hashlib.sha256((data / files[info.image_id]).read_bytes()).digest())
     digest.update(repr((sorted(kinds), n_points, seed)).encode())
     return digest.hexdigest()[:16]
+
+
+def source_kinds(coco: dict[str, Any], images: Sequence[ImageInfo]) -> dict[str, int]:
+    """How many distinct source images of each ``source`` tag were evaluated."""
+    tags = {e["id"]: str(e.get("source") or "untagged") for e in coco["images"] if isinstance(e, dict)}
+    first = {i.source_image_id: i.image_id for i in images}  # variants share their source's tag
+    counts: dict[str, int] = {}
+    for image_id in first.values():
+        counts[tags[image_id]] = counts.get(tags[image_id], 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def has_gara(model: torch.nn.Module) -> bool:
@@ -415,6 +428,7 @@ def evaluate_models(
         prompts=prompts, overlays=[overlays[i.image_id] for i in selected if i.image_id in overlays],
         seconds=time.perf_counter() - start, gara_models=gara_models,
         evaluation_set=evaluation_set_id(data, coco, evaluated, kinds, config.prompts.n_points, config.seed),
+        source_kinds=source_kinds(coco, evaluated),
         adapter_weights={name: getattr(m, "adapter_weights_sha256", None) for name, m in models.items()},
     )
 
