@@ -237,9 +237,9 @@ def test_encoder_stages_run_the_encoders_own_forward_and_find_the_frozen_prefix(
 
 def test_gate_bias_starts_every_component_on():
     """gate_bias > 0: every component is on at evaluation and in (nearly) every training draw,
-    so GaRA starts as a LoRA of the space its gate picks; 0 leaves it to the random init."""
+    so GaRA starts as a LoRA of the space its gate picks; None leaves it to the random init."""
     x = torch.randn(4, 64, 128)
-    for bias, expect_all in ((4.0, True), (0.0, False)):
+    for bias, expect_all in ((4.0, True), (None, False)):
         seg = make_segmenter("vit_tiny", "gara", low_rank=8, high_rank=32, gate_bias=bias)
         layer = next(m for m in seg.modules() if isinstance(m, GaRALinear))
         layer.eval()

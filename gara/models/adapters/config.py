@@ -49,11 +49,13 @@ class AdapterConfig(BaseModel):
     space_gate_hidden: int = Field(64, ge=1)
     component_gate_hidden: int = Field(16, ge=1)
     tau: float = Field(0.5, gt=0)
-    # Initial bias of GaRA's component-gate logits. 0 (our reading; the paper is silent): at
-    # the start a component is on in ~63% of training steps (Gumbel noise decides) and, at
-    # evaluation, wherever its random initial logit is positive. > 0 starts every component
-    # on (GaRA begins as a LoRA of the chosen space) and lets the gates learn to switch off.
-    gate_bias: float = 0.0
+    # Initial bias of GaRA's component-gate logits. null (our reading; the paper is silent):
+    # PyTorch's default Linear init, small random logits, so at the start a component is on in
+    # ~63% of training steps (Gumbel noise decides) and, at evaluation, wherever its initial
+    # logit is positive. A number sets every component gate's output bias to it: 3 starts every
+    # component on (GaRA begins as a LoRA of the chosen space) and lets the gates learn to
+    # switch components off.
+    gate_bias: float | None = None
     # Initial gamma of every COBOT unit: 1 = the authors' released code, u = (c + gamma) A x =
     # 2 A x at the start (twice plain LoRA's update); 0 = start at plain LoRA's scale.
     cobot_gamma: float = 1.0

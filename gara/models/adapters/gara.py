@@ -44,7 +44,7 @@ class GaRALinear(LowRankAdapterLinear):
         tau: float = 0.5,
         scale: float = 1.0,
         cobot: bool = False,
-        gate_bias: float = 0.0,
+        gate_bias: float | None = None,
     ):
         spaces = (low_rank, high_rank) if cobot else None
         super().__init__(base, layout, rank=low_rank + high_rank, scale=scale, cobot_spaces=spaces)
@@ -53,9 +53,10 @@ class GaRALinear(LowRankAdapterLinear):
         self.space_gate = GateMLP(c, space_gate_hidden, 1, n_layers=2)
         self.low_gate = GateMLP(c, component_gate_hidden, low_rank, n_layers=3)
         self.high_gate = GateMLP(c, component_gate_hidden, high_rank, n_layers=3)
-        with torch.no_grad():  # AdapterConfig.gate_bias: where component logits start
-            for gate in (self.low_gate, self.high_gate):
-                gate[-1].bias.fill_(gate_bias)
+        if gate_bias is not None:  # AdapterConfig.gate_bias: where component logits start
+            with torch.no_grad():
+                for gate in (self.low_gate, self.high_gate):
+                    gate[-1].bias.fill_(gate_bias)
         # Decisions of the last forward, per attention input (detached): observability of
         # the method's signature, the effective rank.
         self.last_space: torch.Tensor | None = None
