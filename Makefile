@@ -29,11 +29,12 @@ $(STAMP): requirements.lock pyproject.toml
 	@sha256sum requirements.lock pyproject.toml > $(STAMP)
 
 # The main job on the embedded default: fetch the versioned sample from the in-repo DVC
-# store (no credentials, no network), then run the pipeline's stages.
+# store (no credentials, no network), then run the pipeline's stages (dvc.yaml; the full
+# comparison, pipelines/comparison/dvc.yaml, is `dvc repro pipelines/comparison/dvc.yaml`).
 run: env
 	$(BIN)/dvc pull data.dvc
 	$(BIN)/dvc repro
-	$(BIN)/dvc status
+	$(BIN)/dvc status dvc.yaml data.dvc
 
 # The sample data (in-repo DVC store, no network) lets the tests check the committed dataset.
 test: env

@@ -342,8 +342,15 @@ def promote_command(
     if version is None and registered is not None:
         version = str(json.loads(registered.read_text(encoding="utf-8"))["version"])
     if version is None:
+        from mlflow.exceptions import MlflowException
+
         client = client_for(registry_uri(loaded))
-        version = str(client.get_model_version_by_alias(loaded.registry.name, CHALLENGER).version)
+        try:
+            version = str(client.get_model_version_by_alias(loaded.registry.name, CHALLENGER).version)
+        except MlflowException:
+            raise promotion.PromotionError(
+                f"model {loaded.registry.name} has no @{CHALLENGER} version to decide on: run gara register "
+                "first, or name one with --version") from None
     decision = promotion.promote(loaded, version, promotion.evaluation_rescorer(loaded), out)
     verdict = "promoted to champion" if decision.promoted else "not promoted"
     typer.echo(f"{decision.name} version {decision.version}: {verdict} ({decision.reason}); "

@@ -476,3 +476,16 @@ def test_champion_from_another_evaluation_set_is_rescored_not_compared_blindly(
     assert "re-scored on set" in decision.compared_with
     # The champion's real score on the new set, not the 1.0 its old report claimed.
     assert decision.incumbent_gate != 1.0
+
+
+def test_cli_promote_without_a_challenger_is_a_one_line_error(server, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from gara.cli import app
+
+    (tmp_path / "params.yaml").write_text(
+        f"registry:\n  name: nochallenger\ntrain:\n  mlflow:\n    tracking_uri: {server}\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["promote"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "has no @challenger version to decide on" in result.output

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from gara import precision
+from gara.allocator import keep_freed_memory
 from gara.config import ConfigError, EvaluateConfig, ModelConfig, PromptConfig, TrainConfig, load_params
 from gara.data.coco import read_coco, write_coco
 from gara.data.corrupt import corrupt_dataset
@@ -120,6 +121,7 @@ def wesam_train(segmenter, data: Path, steps: int, lr: float, order_seed: int = 
 def train_paper_lora(data: Path, out: Path, wesam: dict) -> list[dict[str, float]]:
     """One behavioural run in its own process: the paper's LoRA on LiteMedSAM (seeded init),
     STEPS WeSAM steps on one thread (as a Ray worker), the adapter saved to ``out``."""
+    keep_freed_memory()  # as a Ray worker does (a spawned process starts with malloc's defaults)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     segmenter = build_segmenter(ModelConfig(adapter=PAPER_LORA))

@@ -189,7 +189,7 @@ class _Evidence:
     records: pd.DataFrame  # challenger and incumbent rows, paired
     compared_with: str
     label: str
-    base_wins_champion: bool  # no champion yet: the frozen base is the incumbent (and champion if it holds)
+    incumbent_is_base: bool  # no champion yet: the frozen base (it becomes champion if it holds)
 
 
 def decide(name: str, challenger, champion, params: Params, client, rescore: Rescore | None
@@ -272,7 +272,7 @@ def promote(
                 client.set_model_version_tag(name, challenger.version, key, value)
             if decision.promoted:
                 client.set_registered_model_alias(name, CHAMPION, challenger.version)
-            elif evidence is not None and evidence.base_wins_champion:
+            elif evidence is not None and evidence.incumbent_is_base:
                 decision.champion = _crown_frozen_base(params, client, challenger, evidence)
     if out is not None:
         atomic_write_json(Path(out), asdict(decision))
