@@ -3,9 +3,9 @@
 glibc serves every allocation above its mmap threshold (at most 32 MB by default) with a
 fresh ``mmap`` and returns it to the kernel on ``free``. LiteMedSAM's first stage makes
 several 64-128 MB activations per batch, so every forward re-faults (and the kernel zeroes)
-hundreds of MB: measured on this project's 2-core machine, a batch-4 bf16 encoder forward
-took 2.8 s, of which 1.7 s was page faults (``sys`` time); with the blocks kept it takes
-1.1 s, bit-for-bit the same output (``bench/bench_adapters.py`` prints both).
+hundreds of MB: on this project's 2-core machine a batch-4 bf16 encoder forward took 2.9 s
+wall with 2.8 s of system time (page faults); with the blocks kept, 1.1 s wall and 0.01 s
+of system time, bit-for-bit the same output (``bench/bench_allocator.py`` prints both).
 
 :func:`keep_freed_memory` raises the mmap threshold and the trim threshold to 1 GiB, so
 freed blocks are reused. The cost: the process keeps its peak heap instead of shrinking
