@@ -257,10 +257,10 @@ def _write_paired(out: io.StringIO, metrics: dict[str, Any], names: Sequence[str
 
 
 def _kinds(kinds: dict[str, int]) -> str:
-    """': 1 photo, 31 composite' for tagged sources; nothing for an untagged dataset."""
+    """' (31 composite, 1 photo)' for tagged sources; nothing for an untagged dataset."""
     if not kinds or set(kinds) == {"untagged"}:
         return ""
-    return ": " + ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+    return " (" + ", ".join(f"{n} {kind}" for kind, n in kinds.items()) + ")"
 
 
 def render_markdown(metrics: dict[str, Any], result: EvaluationResult, boot: SourceBootstrap) -> str:
@@ -272,9 +272,9 @@ def render_markdown(metrics: dict[str, Any], result: EvaluationResult, boot: Sou
     out = io.StringIO()
     out.write("# Evaluation report\n\n")
     out.write(
-        f"Dataset `{metrics['dataset']}`: {n['evaluated']} images ({n['source_images']} source images"
-        f"{_kinds(n.get('source_kinds') or {})}, "
-        f"{n['clean']} clean, {n['corrupted']} corrupted), {n['instances']} instances; "
+        f"Dataset `{metrics['dataset']}`: {n['evaluated']} images from {n['source_images']} source images"
+        f"{_kinds(n.get('source_kinds') or {})}; {n['clean']} clean, {n['corrupted']} corrupted; "
+        f"{n['instances']} instances; "
         f"{n['skipped_without_instances']} images without instances left out. Prompts: "
         f"{', '.join(result.kinds)} ({result.n_points} positive points), seed {result.seed}. "
         f"Primary model: **{metrics['primary']}**.\n\n"
@@ -289,7 +289,8 @@ def render_markdown(metrics: dict[str, Any], result: EvaluationResult, boot: Sou
         means = {name: _type_means(result.records, name, kind) for name in names}
         header = ["type", *names]
         if len(names) > 1:
-            header += [f"{names[-1]} - {names[0]} [95% interval]", "sources"]
+            confidence = metrics["bootstrap"]["confidence"]
+            header += [f"{names[-1]} - {names[0]} [{confidence:.0%} interval]", "sources"]
         rows = []
         for part in ("clear", *types):
             label = "clean" if part == "clear" else part

@@ -223,7 +223,7 @@ def decide(name: str, challenger, champion, params: Params, client, rescore: Res
                 f"version {challenger.version}: {path} was not evaluated on set "
                 f"{challenger.tags.get('gara.evaluation_set')}; the gate cannot decide on it")
         diffs.append(diff)
-        values.append(incumbent.delta)
+        values.append(round(incumbent.delta, 4))  # as the tags' scores
     promoted, reason = judge(gate, diffs[0], diffs[1], evidence.label)
     after = challenger.version if promoted else (champion.version if champion else None)
     decision = Decision(name, str(challenger.version), promoted, reason, evidence.compared_with,
@@ -287,7 +287,8 @@ def _crown_frozen_base(params: Params, client, challenger, evidence: _Evidence) 
     records = rows.assign(model=params.registry.base_row)
     experiment_id = client.get_run(challenger.run_id).info.experiment_id
     base = register_frozen_base(params, records, challenger.tags["gara.evaluation_set"],
-                                challenger.tags.get("gara.evaluation_dataset", ""), experiment_id)
+                                challenger.tags.get("gara.evaluation_dataset", ""), experiment_id,
+                                expected_sha256=challenger.tags.get("base_checkpoint_sha256"))
     reason = (f"no adapter has beaten the frozen base yet (version {challenger.version} did not, on "
               f"evaluation set {challenger.tags.get('gara.evaluation_set')}): the frozen base is champion")
     client.set_model_version_tag(params.registry.name, base.version, "gara.decision", "promoted")

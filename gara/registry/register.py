@@ -206,10 +206,11 @@ def register(
     return result
 
 
-def register_frozen_base(params: Params, records: Any, evaluation_set: str, dataset: str, experiment_id: str
-                         ) -> RegisteredVersion:
+def register_frozen_base(params: Params, records: Any, evaluation_set: str, dataset: str, experiment_id: str,
+                         expected_sha256: str | None = None) -> RegisteredVersion:
     """The frozen base of ``params.model`` as an adapter-free version, its evidence the base's
     per-instance ``records`` (the report rows of ``registry.base_row``) on ``evaluation_set``.
+    ``expected_sha256``: the checkpoint the challenger was trained on; another base is refused.
 
     Idempotent: the same base bytes on the same evaluation set return the existing version.
     Never aliased here; promotion decides."""
@@ -225,6 +226,10 @@ def register_frozen_base(params: Params, records: Any, evaluation_set: str, data
     client = client_for(uri)
     segmenter = build_segmenter(params.model, with_adapter=False)
     sha = str(segmenter.checkpoint_sha256)
+    if expected_sha256 and expected_sha256 != sha:
+        raise RegistrationError(
+            f"model.checkpoint ({params.model.backbone}, sha256 {sha[:12]}) is not the base the challenger "
+            f"was trained on (sha256 {expected_sha256[:12]}): set model to that base to register it")
     for v in client.search_model_versions(f"name = '{name}'"):
         if (v.tags.get("adapter_kind") == NO_ADAPTER and v.tags.get("base_checkpoint_sha256") == sha
                 and v.tags.get("gara.evaluation_set") == evaluation_set):
