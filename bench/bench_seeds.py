@@ -24,6 +24,7 @@ On 2 idle cores: ~2 min per training, ~0.4 s per image per extra model in the ev
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -50,7 +51,9 @@ def pipeline_rows() -> dict[str, list[str]]:
 
 def train(name: str, sets: list[str], seed: int, out: Path) -> Path:
     folder = out / "adapters" / f"{name}-s{seed}"
-    if (folder / "adapter.json").is_file():
+    made_with = folder / "bench_sets.json"  # what the folder was trained with: reuse only the same
+    reusable = (folder / "adapter.json").is_file() and made_with.is_file()
+    if reusable and json.loads(made_with.read_text(encoding="utf-8")) == sets:
         print(f"{name} seed {seed}: reusing {folder}", flush=True)
         return folder
     cmd = [sys.executable, "-m", "gara.cli", "train", "--params", "params.yaml", *sets,
@@ -64,6 +67,7 @@ def train(name: str, sets: list[str], seed: int, out: Path) -> Path:
         proc = subprocess.run(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=os.environ.copy())
     if proc.returncode != 0:
         raise SystemExit(f"{name} seed {seed}: gara train failed ({proc.returncode}); see {log}")
+    made_with.write_text(json.dumps(sets), encoding="utf-8")
     print(f"{name} seed {seed}: trained in {time.perf_counter() - start:.0f} s", flush=True)
     return folder
 
@@ -87,7 +91,7 @@ def summarise(records: pd.DataFrame, names: dict[str, tuple[str, int]], bootstra
     return pd.DataFrame(rows)
 
 
-def report(table: pd.DataFrame) -> str:
+def report(table: pd.DataFrame, max_clear_drop: float) -> str:
     def cell(r, key: str) -> str:
         if pd.isna(r.get(key)):
             return "-"
@@ -99,7 +103,8 @@ def report(table: pd.DataFrame) -> str:
         lines.append(f"| {r['row']} | {r['seed']} | {cell(r, 'degrade')} | {cell(r, 'clear')} | "
                      f"{cell(r, 'vs_lora')} |")
     lines += ["", "| row | seeds | Degrade - base: mean (sd) [min, max] | measurable (ci_low > 0) | "
-                  "Clear - base: mean (sd) [min, max] | Clear ci_low > -1 |", "|---|---|---|---|---|---|"]
+                  f"Clear - base: mean (sd) [min, max] | Clear ci_low > -{max_clear_drop:g} |",
+              "|---|---|---|---|---|---|"]
     for row, group in table.groupby("row", sort=False):
         def spread(key: str, group=group) -> str:
             v = group[key]
@@ -107,7 +112,8 @@ def report(table: pd.DataFrame) -> str:
             return f"{v.mean():+.2f} ({sd:.2f}) [{v.min():+.2f}, {v.max():+.2f}]"
 
         lines.append(f"| {row} | {len(group)} | {spread('degrade')} | {(group['degrade_low'] > 0).sum()}/"
-                     f"{len(group)} | {spread('clear')} | {(group['clear_low'] > -1).sum()}/{len(group)} |")
+                     f"{len(group)} | {spread('clear')} | {(group['clear_low'] > -max_clear_drop).sum()}/"
+                     f"{len(group)} |")
     return "\n".join(lines)
 
 
@@ -143,6 +149,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     os.chdir(REPO)
     params = load_params("params.yaml")
+    if "box" not in params.evaluate.prompts.kinds:
+        raise SystemExit("bench_seeds compares box IoU: evaluate.prompts.kinds must include box")
 
     adapters = {}
     for name, sets in plan.items():
@@ -159,7 +167,7 @@ def main() -> None:
     names = {model: (row, seed) for model, (row, seed, _) in adapters.items()}
     table = summarise(result.records, names, params.evaluate.bootstrap)
     table.to_csv(out / "seeds.csv", index=False)
-    text = report(table)
+    text = report(table, params.registry.gate.max_clear_drop)
     (out / "seeds.md").write_text(text + "\n", encoding="utf-8")
     n = result.records["source_image_id"].nunique()
     print(f"\nPaired box IoU differences, 95% intervals over {n} source images "

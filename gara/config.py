@@ -140,7 +140,7 @@ class BootstrapConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    resamples: int = Field(2000, ge=1000)
+    resamples: int = Field(2000, ge=2000)
     confidence: float = Field(0.95, gt=0.5, lt=1)
     seed: int = 0
 

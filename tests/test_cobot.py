@@ -219,7 +219,7 @@ def test_gara_cobot_evaluation_matches_the_dense_formula():
     attn = Attn()
     layer = GaRALinear(base, layout_for(base, attn), low_rank=4, high_rank=16, cobot=True)
     attn.qkv = layer
-    attn.cobot = connect_units(attn)
+    attn.cobot = connect_units(attn, gamma=1.0)
     _randomise(attn)
     layer.eval()
     with torch.no_grad():

@@ -285,10 +285,11 @@ def test_balanced_variants_spread_every_type_evenly_over_the_images(tmp_path: Pa
     types, severities = ["fog", "snow", "jpeg", "night", "rain"], [1, 3, 5]
     order = balanced_order(types, severities, seed=0)
     assert sorted(order) == sorted((t, s) for t in types for s in severities)  # every cell once
-    plans = [plan_balanced(i, order, 3)[1:] for i in range(12)]  # 12 images x 3 variants
-    for plan in plans:
-        assert plan_balanced(0, order, 3)[0] == ("clean", 0)
-        assert len({t for t, _ in plan}) == 3  # three different types on one image
+    full = [plan_balanced(i, order, 3) for i in range(12)]  # 12 images x 3 variants
+    plans = [plan[1:] for plan in full]
+    for plan in full:
+        assert plan[0] == ("clean", 0)
+        assert len({t for t, _ in plan[1:]}) == 3  # three different types on one image
     per_type = Counter(t for plan in plans for t, _ in plan)
     assert set(per_type.values()) <= {7, 8} and sum(per_type.values()) == 36
     for t in types:  # a type's severities are spread, not all the same

@@ -42,7 +42,7 @@ def as_independent_images(records: pd.DataFrame) -> pd.DataFrame:
     return records.assign(source_image_id=records["image_id"])
 
 
-FAST = BootstrapConfig(resamples=1000, seed=0)
+FAST = BootstrapConfig(resamples=2000, seed=0)
 
 
 def test_intervals_cover_a_known_delta_at_the_stated_rate() -> None:
@@ -114,3 +114,19 @@ def test_seeded_and_described() -> None:
     assert Interval(0.5, -0.2, 1.1, 8).describe() == f"+0.50 [-0.20, +1.10] {NO_DIFFERENCE}"
     assert Interval(0.5, 0.1, 1.1, 8).describe() == "+0.50 [+0.10, +1.10]"
     assert not Interval(0.5, -0.2, 1.1, 8).measurable and Interval(-0.5, -1.0, -0.1, 8).measurable
+
+
+def test_severity_bands_need_enough_source_images() -> None:
+    from gara.evaluate.report import ALL_TYPES, BAND_MIN_SOURCES, severity_curves
+
+    records = simulated_records(np.random.default_rng(5), n_sources=12, source_sd=1.0, noise_sd=1.0)
+    records.loc[records["source_image_id"] == 0, "severity"] = np.where(
+        records.loc[records["source_image_id"] == 0, "corruption"] == "clean", 0, 5)  # one photo at s5
+    curves = severity_curves(SourceBootstrap(records, FAST), ["base", "model"], list(TYPES))
+    banded = curves.dropna(subset=["iou_low"])
+    assert (banded["n_sources"] >= BAND_MIN_SOURCES).all()
+    assert ((banded["iou_low"] <= banded["iou"]) & (banded["iou"] <= banded["iou_high"])).all()
+    clean = curves[(curves["severity"] == 0) & (curves["corruption"] == ALL_TYPES)]
+    assert clean["iou_low"].notna().all() and set(clean["n_sources"]) == {12}  # 12 photos: a band
+    lone = curves[curves["severity"] == 5]
+    assert set(lone["n_sources"]) == {1} and lone["iou_low"].isna().all()  # one photo: no band

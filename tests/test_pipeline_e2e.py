@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from gara.config import load_params
+
 REPO = Path(__file__).resolve().parents[1]
 # Training + evaluating LiteMedSAM on 2 CPU cores takes minutes: above the suite's per-test limit.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -88,7 +90,8 @@ def test_pipeline_trains_evaluates_gates_on_intervals_and_serves_the_champion(cl
          clone, env)
     _run([*gara_cli, "promote", "--registered", str(registered), "--out", str(promotion)], clone, env)
     decision = json.loads(promotion.read_text())
-    wins = gain["ci_low"] > 0 and clear["ci_low"] > -1.0  # params.yaml's gate: margin 0, max_clear_drop 1
+    gate = load_params(clone / "params.yaml").registry.gate  # degrade.box.iou / clear.box.iou
+    wins = gain["ci_low"] > gate.margin and clear["ci_low"] > -gate.max_clear_drop
     assert decision["compared_with"] == "base" and decision["promoted"] == wins, decision
     assert decision["gate_difference"] == gain  # the gate read the report's own interval
     registered_version = json.loads(registered.read_text())["version"]

@@ -180,8 +180,12 @@ def test_gate_worse_stays_out_better_wins_clear_guard_and_rollback(server, tiny_
     back = rollback(params)
     assert (back.from_version, back.to_version) == (v3, v1) and champion_of(server, "gate") == v1
     assert tags_of(server, "gate", v3)["gara.decision"] == "rolled_back"
+    # v1, the first champion, replaced the frozen base (registered when v1 was decided).
+    base_version = tags_of(server, "gate", v1)["gara.previous_champion"]
+    assert tags_of(server, "gate", base_version)["adapter_kind"] == "none"
+    assert rollback(params).to_version == base_version and champion_of(server, "gate") == base_version
     with pytest.raises(PromotionError, match="replaced no earlier champion"):
-        rollback(params)  # v1 was the first champion
+        rollback(params)  # nothing before the frozen base
 
 
 def test_a_mean_gain_within_the_noise_stays_out_and_a_clear_winner_gets_in(server, tiny_vit_checkpoint,

@@ -336,6 +336,9 @@ def corrupt_dataset(
         by_image.setdefault(ann["image_id"], []).append(ann)
     images = sorted(coco["images"], key=lambda e: e["id"])
     order = balanced_order(type_list, sev_list, seed) if balanced else []
+    if balanced and variants_per_image is not None and len(images) * variants_per_image < len(type_list):
+        log.warning("balanced: %d images x %d variants cannot cover all %d types; some are left out",
+                    len(images), variants_per_image, len(type_list))
     stems: dict[str, str] = {}
     tasks = []
     for index, entry in enumerate(images):

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 SCALE = 100.0
+METRICS = ("iou", "dice")  # what every report and comparison computes, per instance
 
 
 def instance_scores(

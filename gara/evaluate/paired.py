@@ -35,11 +35,10 @@ import pandas as pd
 from gara.config import BootstrapConfig
 from gara.data.corrupt import CLEAN
 from gara.data.prompts import PROMPT_KINDS
-from gara.evaluate.metrics import image_means
+from gara.evaluate.metrics import METRICS, image_means
 from gara.seeding import seeded_rng
 
 PARTS = ("clear", "degrade")
-METRICS = ("iou", "dice")
 NO_DIFFERENCE = "no measurable difference"
 _PAIR_KEYS = ["image_id", "kind", "ann_id"]
 
@@ -93,7 +92,16 @@ class SourceBootstrap:
             mine = frame[frame["model"] == model]
             if other is not None:
                 theirs = frame[frame["model"] == other][_PAIR_KEYS + list(METRICS)]
-                mine = mine.merge(theirs, on=_PAIR_KEYS, suffixes=("", "_other"))
+                if len(mine) != len(theirs):
+                    raise ValueError(
+                        f"{model!r} has {len(mine)} {kind} records and {other!r} {len(theirs)}: a paired "
+                        "comparison needs both scored on the same instances (the same evaluation set)")
+                paired = mine.merge(theirs, on=_PAIR_KEYS, suffixes=("", "_other"), validate="one_to_one")
+                if len(paired) != len(mine):
+                    raise ValueError(
+                        f"{model!r} and {other!r} scored different {kind} instances: a paired comparison "
+                        "needs the same images, instances and prompt kinds")
+                mine = paired
             values = [*METRICS, *(f"{m}_other" for m in METRICS if other is not None)]
             self._means[key] = image_means(mine, values, by=["source_image_id", "corruption", "severity"])
         return self._means[key]

@@ -46,12 +46,11 @@ from gara.config import BootstrapConfig, Params
 from gara.data.corrupt import CLEAN
 from gara.data.corruptions import CORRUPTION_NAMES
 from gara.data.prompts import PROMPT_KINDS
-from gara.evaluate.metrics import mean_over_images
-from gara.evaluate.paired import NO_DIFFERENCE, Interval, SourceBootstrap, paired_table, paired_tree
+from gara.evaluate.metrics import METRICS, mean_over_images
+from gara.evaluate.paired import NO_DIFFERENCE, SourceBootstrap, paired_table, paired_tree
 from gara.evaluate.runner import EvaluationResult, Overlay
 from gara.fsutil import atomic_write, atomic_write_json, atomic_write_text
 
-METRICS = ("iou", "dice")
 LABELS = {"iou": "IoU", "dice": "Dice"}
 DEFINITIONS = {
     "metric": "per-instance IoU / Dice (0-100), averaged within each image, then over images",
@@ -233,24 +232,26 @@ def _comparisons(names: Sequence[str]) -> list[tuple[str, str]]:
     return pairs + [(primary, m) for m in names[1:-1]]
 
 
-def _paired_cell(metrics: dict[str, Any], model: str, other: str, part: str, kind: str) -> str:
-    cell = metrics["models"][model]["paired"][other][part][kind]["iou"]
-    return "-" if cell is None else Interval(**cell).describe()
+def _paired_cell(boot: SourceBootstrap, model: str, other: str, part: str, kind: str) -> str:
+    # From the bootstrap itself, not metrics.json's rounded copy: the gate reads the same numbers.
+    cell = boot.difference(model, other, part, kind, "iou")
+    return "-" if cell is None else cell.describe()
 
 
-def _write_paired(out: io.StringIO, metrics: dict[str, Any], names: Sequence[str]) -> None:
+def _write_paired(out: io.StringIO, metrics: dict[str, Any], names: Sequence[str], boot: SourceBootstrap
+                  ) -> None:
     pairs = _comparisons(names)
     if not pairs:
         return
-    boot, n = metrics["bootstrap"], metrics["images"]["source_images"]
-    out.write(f"\n## Paired differences (IoU, {boot['confidence']:.0%} interval over {n} source images)\n\n")
+    config, n = boot.config, metrics["images"]["source_images"]
+    out.write(f"\n## Paired differences (IoU, {config.confidence:.0%} interval over {n} source images)\n\n")
     out.write(
         "Each cell: the first model minus the second on the same instances and prompts, and the "
-        f"percentile interval of {boot['resamples']} bootstrap resamples of the source images (a "
+        f"percentile interval of {config.resamples} bootstrap resamples of the source images (a "
         f"source's clean copy, its corrupted variants and their instances move together; seed "
-        f"{boot['seed']}). \"{NO_DIFFERENCE}\": the interval contains 0.\n\n")
+        f"{config.seed}). \"{NO_DIFFERENCE}\": the interval contains 0.\n\n")
     header = ["comparison"] + [f"{kind} {part}" for kind in PROMPT_KINDS for part in ("clear", "degrade")]
-    rows = [[f"{m} - {o}"] + [_paired_cell(metrics, m, o, part, kind)
+    rows = [[f"{m} - {o}"] + [_paired_cell(boot, m, o, part, kind)
                               for kind in PROMPT_KINDS for part in ("clear", "degrade")]
             for m, o in pairs]
     out.write(_markdown_table(header, rows))
@@ -283,7 +284,7 @@ def render_markdown(metrics: dict[str, Any], result: EvaluationResult, boot: Sou
               + DEFINITIONS["degrade"] + ".\n\n")
     out.write("## Models\n\n")
     out.write(_markdown_table(*summary_rows(metrics)))
-    _write_paired(out, metrics, names)
+    _write_paired(out, metrics, names, boot)
     if types:
         out.write(f"\n## Per corruption type ({kind} IoU, severities pooled)\n\n")
         means = {name: _type_means(result.records, name, kind) for name in names}
@@ -331,31 +332,39 @@ def render_markdown(metrics: dict[str, Any], result: EvaluationResult, boot: Sou
 
 
 ALL_TYPES = "mean over types"
+BAND_MIN_SOURCES = 5  # a bootstrap over fewer source images says nothing: no band is drawn
+
+
+def _point(name: str, corruption: str, severity: int, cell: Any) -> dict[str, Any]:
+    banded = cell.n_sources >= BAND_MIN_SOURCES
+    return {"model": name, "corruption": corruption, "severity": severity, "iou": cell.delta,
+            "iou_low": cell.ci_low if banded else math.nan, "iou_high": cell.ci_high if banded else math.nan,
+            "n_sources": cell.n_sources}
 
 
 def severity_curves(boot: SourceBootstrap, models: Sequence[str], types: Sequence[str], kind: str = "box"
                     ) -> pd.DataFrame:
-    """model, corruption, severity, iou, iou_low, iou_high: every type's IoU per severity with its
-    interval over source images, plus ``mean over types`` (Degrade per severity). Severity 0 is
-    the clean value, repeated per type so each curve starts from clean."""
+    """model, corruption, severity, iou, iou_low, iou_high, n_sources: every type's IoU per severity
+    with its interval over source images (none below BAND_MIN_SOURCES sources), plus ``mean over
+    types`` (Degrade per severity). Severity 0 is the clean value, repeated per type so each
+    curve starts from clean."""
     rows = []
+    severities = sorted(boot.records.loc[boot.records["corruption"] != CLEAN, "severity"].unique())
     for name in models:
         clean = boot.value(name, "clear", kind, "iou")
         for t in [ALL_TYPES, *types] if types else [CLEAN]:
             if clean is not None:
-                rows.append({"model": name, "corruption": t, "severity": 0, "iou": clean.delta,
-                             "iou_low": clean.ci_low, "iou_high": clean.ci_high})
+                rows.append(_point(name, t, 0, clean))
             if t == CLEAN:
                 continue
             part = "degrade" if t == ALL_TYPES else t
-            for sev in sorted(boot.records.loc[boot.records["corruption"] != CLEAN, "severity"].unique()):
+            for sev in severities:
                 cell = boot.value(name, part, kind, "iou", severity=int(sev))
                 if cell is not None:
-                    rows.append({"model": name, "corruption": t, "severity": int(sev), "iou": cell.delta,
-                                 "iou_low": cell.ci_low, "iou_high": cell.ci_high})
-    columns = ["model", "corruption", "severity", "iou", "iou_low", "iou_high"]
+                    rows.append(_point(name, t, int(sev), cell))
+    columns = ["model", "corruption", "severity", "iou", "iou_low", "iou_high", "n_sources"]
     frame = pd.DataFrame(rows, columns=columns)
-    frame[columns[3:]] = frame[columns[3:]].round(4)
+    frame[columns[3:6]] = frame[columns[3:6]].round(4)
     return frame
 
 
@@ -398,7 +407,8 @@ def plot_severity(curves: pd.DataFrame, models: Sequence[str], path: Path, kind:
         ax.set_xlabel("severity (0 = clean)")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", ncol=max(1, len(models)), fontsize=9, frameon=False,
-               title="bands: 95% interval over source images", title_fontsize=8)
+               title=f"bands: 95% interval over source images (where >= {BAND_MIN_SOURCES})",
+               title_fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.2 * nrows + 0.6)))
     return _save_figure(fig, path)
 

@@ -140,9 +140,10 @@ class Segmenter(nn.Module):
     def shared_base_key(self) -> tuple | None:
         """Models with equal keys compute identical values in their frozen encoder prefix (same
         architecture and checkpoint bytes, same preprocessing, same device); None: share nothing."""
-        if self.checkpoint_sha256 is None:
-            return None
-        return (self.backbone_name, self.checkpoint_sha256, self.transform, str(self.device))
+        if self.checkpoint_sha256 is None or type(self).encode is not Segmenter.encode:
+            return None  # no known weights, or an encode of its own that the stages would skip
+        param = next(self.parameters())
+        return (self.backbone_name, self.checkpoint_sha256, self.transform, str(param.device), param.dtype)
 
     def decode(self, embeddings: torch.Tensor, prompts: Sequence[Prompts]) -> SegmenterOutput:
         """Decode single-mask logits for each image's prompts (already in the input frame)."""

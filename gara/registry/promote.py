@@ -141,6 +141,15 @@ def version_records(client, version) -> pd.DataFrame:
         return pd.read_csv(local)
 
 
+def candidate_row(version) -> str:
+    """The report row a version was registered from."""
+    row = version.tags.get("gara.candidate")
+    if not row:
+        raise PromotionError(
+            f"version {version.version} has no tag gara.candidate; it was not registered by gara register")
+    return row
+
+
 def _rows(records: pd.DataFrame, model: str, label: str, where: str) -> pd.DataFrame:
     rows = records[records["model"] == model]
     if rows.empty:
@@ -152,9 +161,14 @@ def _incumbent_records(challenger, champion, client, rescore: Rescore | None) ->
     """The champion's records on the challenger's evaluation set, and how they were obtained."""
     wanted = challenger.tags.get("gara.evaluation_set")
     if champion.tags.get("gara.evaluation_set") == wanted:
-        records = version_records(client, champion)
-        return _rows(records, champion.tags["gara.candidate"], INCUMBENT_ROW,
-                     f"champion version {champion.version}"), f"version {champion.version}"
+        try:
+            records = version_records(client, champion)
+        except PromotionError:
+            if rescore is None:
+                raise  # registered before versions carried their records; re-scoring would do
+        else:
+            return _rows(records, candidate_row(champion), INCUMBENT_ROW,
+                         f"champion version {champion.version}"), f"version {champion.version}"
     if rescore is None:
         raise PromotionError(
             f"champion version {champion.version} was evaluated on set "
@@ -200,7 +214,7 @@ def decide(name: str, challenger, champion, params: Params, client, rescore: Res
         return Decision(name, str(challenger.version), False, "already champion", "itself",
                         *_pairs(c_scores, c_scores), champion=str(champion.version)), None
     records = version_records(client, challenger)
-    mine = _rows(records, challenger.tags["gara.candidate"], CHALLENGER_ROW, f"version {challenger.version}")
+    mine = _rows(records, candidate_row(challenger), CHALLENGER_ROW, f"version {challenger.version}")
     if champion is None:
         base_row = params.registry.base_row
         if base_row not in set(records["model"]):
@@ -245,8 +259,9 @@ def promote(
 ) -> Decision:
     """Decide challenger ``version`` against the current champion; move the alias if it wins.
 
-    With no champion yet and a challenger that does not beat the frozen base, the frozen base
-    is registered (adapter-free) and becomes champion."""
+    With no champion yet the frozen base is registered (adapter-free) first: it becomes
+    champion if the challenger does not beat it, and is the challenger's
+    ``gara.previous_champion`` (what ``rollback`` returns to) if it does."""
     from mlflow.exceptions import MlflowException
 
     name = params.registry.name
@@ -265,35 +280,40 @@ def promote(
             if (now.version if now else None) == (champion.version if champion else None):
                 break
         if decision.compared_with != "itself":
+            # The frozen base's version exists before anything is written (a failure leaves no
+            # half-made decision behind).
+            base = _frozen_base_version(params, client, challenger, evidence) if champion is None else None
             tags = decision.tags()
             if decision.promoted:
-                tags["gara.previous_champion"] = str(champion.version) if champion else ""
+                tags["gara.previous_champion"] = str(champion.version if champion else base)
             for key, value in tags.items():
                 client.set_model_version_tag(name, challenger.version, key, value)
             if decision.promoted:
                 client.set_registered_model_alias(name, CHAMPION, challenger.version)
-            elif evidence is not None and evidence.incumbent_is_base:
-                decision.champion = _crown_frozen_base(params, client, challenger, evidence)
+            elif base is not None:
+                reason = (f"no adapter has beaten the frozen base yet (version {challenger.version} did not, "
+                          f"on evaluation set {challenger.tags.get('gara.evaluation_set')})")
+                client.set_model_version_tag(name, base, "gara.decision", "promoted")
+                client.set_model_version_tag(name, base, "gara.decision_reason", reason)
+                client.set_registered_model_alias(name, CHAMPION, base)
+                decision.champion = base
     if out is not None:
         atomic_write_json(Path(out), asdict(decision))
     return decision
 
 
-def _crown_frozen_base(params: Params, client, challenger, evidence: _Evidence) -> str:
-    """No champion, and the challenger did not beat the frozen base: the base becomes champion."""
+def _frozen_base_version(params: Params, client, challenger, evidence: _Evidence | None) -> str:
+    """The registered frozen base (registered now, from the base rows the challenger was
+    paired with, if it is not yet)."""
     from gara.registry.register import register_frozen_base
 
+    assert evidence is not None and evidence.incumbent_is_base
     rows = evidence.records[evidence.records["model"] == INCUMBENT_ROW]
-    records = rows.assign(model=params.registry.base_row)
     experiment_id = client.get_run(challenger.run_id).info.experiment_id
-    base = register_frozen_base(params, records, challenger.tags["gara.evaluation_set"],
+    base = register_frozen_base(params, rows.assign(model=params.registry.base_row),
+                                challenger.tags["gara.evaluation_set"],
                                 challenger.tags.get("gara.evaluation_dataset", ""), experiment_id,
                                 expected_sha256=challenger.tags.get("base_checkpoint_sha256"))
-    reason = (f"no adapter has beaten the frozen base yet (version {challenger.version} did not, on "
-              f"evaluation set {challenger.tags.get('gara.evaluation_set')}): the frozen base is champion")
-    client.set_model_version_tag(params.registry.name, base.version, "gara.decision", "promoted")
-    client.set_model_version_tag(params.registry.name, base.version, "gara.decision_reason", reason)
-    client.set_registered_model_alias(params.registry.name, CHAMPION, base.version)
     return base.version
 
 

@@ -243,16 +243,19 @@ def register_frozen_base(params: Params, records: Any, evaluation_set: str, data
         run_tags = {"git_commit": git_commit(project_root()), "backbone": manifest.backbone,
                     "adapter_kind": NO_ADAPTER, "base_checkpoint": str(manifest.base_checkpoint),
                     "base_checkpoint_sha256": sha, "mlflow.runName": FROZEN_BASE_RUN}
-        run = client.create_run(experiment_id, tags=run_tags)
-        run_id = run.info.run_id
-        rows_file = Path(tmp) / "records.csv"
-        pd.DataFrame(rows).to_csv(rows_file, index=False)
-        client.log_artifact(run_id, str(rows_file), "evaluation")
-        summary = summarize_model(rows, base_row)["summary"]
-        metrics = {"evaluation_set": evaluation_set, "dataset": dataset,
-                   "models": {base_row: {"summary": summary}}}
-        tags = version_tags(run_tags, metrics, base_row, params, manifest.weights_sha256)
-        model_uri, model_id = _log_pyfunc(uri, run_id, folder, manifest)
+        run_id = client.create_run(experiment_id, tags=run_tags).info.run_id
+        try:
+            rows_file = Path(tmp) / "records.csv"
+            pd.DataFrame(rows).to_csv(rows_file, index=False)
+            client.log_artifact(run_id, str(rows_file), "evaluation")
+            summary = summarize_model(rows, base_row)["summary"]
+            metrics = {"evaluation_set": evaluation_set, "dataset": dataset,
+                       "models": {base_row: {"summary": summary}}}
+            tags = version_tags(run_tags, metrics, base_row, params, manifest.weights_sha256)
+            model_uri, model_id = _log_pyfunc(uri, run_id, folder, manifest)
+        except BaseException:
+            client.set_terminated(run_id, "FAILED")
+            raise
         client.set_terminated(run_id, "FINISHED")
     version = _create_version(client, name, model_uri, model_id, run_id, tags, metrics, base_row)
     return _registered(name, version, run_id, tags, created=True)

@@ -161,7 +161,7 @@ class CobotUnits(nn.Module):
         return f"parts={self.parts}, spaces={list(self.spaces)}, first_unit={self.first}"
 
 
-def connect_units(model: nn.Module, gamma: float = 1.0) -> CobotShared | None:
+def connect_units(model: nn.Module, *, gamma: float) -> CobotShared | None:
     """Number every COBOT unit of ``model`` in module order and bind them to one new
     CobotShared (returned; the caller registers it on the model), every unit's gamma starting
     at ``gamma`` (AdapterConfig.cobot_gamma). None without units."""
