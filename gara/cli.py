@@ -367,28 +367,27 @@ def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
     return values
 
 
-@app.command("predict")
-def predict_command(
-    image: Path = typer.Option(..., help="RGB image file (PNG / JPEG)."),
-    box: list[str] = typer.Option([], help="x0,y0,x1,y1 in pixels; repeat for several objects."),
-    point: list[str] = typer.Option([], help="x,y[,label] (label 1 = foreground, default; 0 = "
-                                    "background); all points describe one object."),
-    model: str | None = typer.Option(None, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... or a "
-                                     "model folder (default: models:/<registry.name>@champion)."),
-    out: Path = typer.Option(Path("mask.png"), help="Mask PNG (several objects: NAME_0.png, NAME_1.png...)."),
-    params: Path = typer.Option(Path("params.yaml"), help="Parameter file (registry name, tracking store)."),
-) -> None:
-    """Segment the prompted objects with a registered model; write binary mask PNGs."""
+def _pyfunc(params: Path, model: str | None):
+    """The model a predict command runs (default: the registry's champion), loaded once."""
+    import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
-    from PIL import Image
 
-    from gara.fsutil import atomic_write
-    from gara.registry.model import make_request
     from gara.registry.store import registry_uri
     from gara.tracking import active_store, redact_uri
 
     loaded = _load(params)
     uri = model or f"models:/{loaded.registry.name}@champion"
+    store = registry_uri(loaded)
+    with active_store(store):
+        try:
+            return mlflow.pyfunc.load_model(uri)
+        except MlflowException as exc:
+            raise ValueError(
+                f"--model {uri}: cannot load it from {redact_uri(store)}: {exc.message}") from None
+
+
+def _prompts(box: list[str], point: list[str]):
+    """--box / --point options -> (boxes, points, point_labels) in the request's layout."""
     boxes = [_floats(b, (4,), "--box") for b in box] or None
     points = labels = None
     if point:
@@ -396,19 +395,60 @@ def predict_command(
         points, labels = [[p[:2] for p in parsed]], [[int(p[2]) if len(p) == 3 else 1 for p in parsed]]
         if boxes is not None and len(boxes) != 1:
             raise ValueError("--point with several --box: points describe one object, so give one box")
+    return boxes, points, labels
+
+
+@app.command("predict")
+def predict_command(
+    image: Path | None = typer.Option(None, help="One RGB image file (PNG / JPEG): writes mask PNGs."),
+    images: Path | None = typer.Option(None, help="A folder of images, each with the same --box / --point: "
+                                       "writes a COCO results JSON."),
+    coco: Path | None = typer.Option(None, help="A COCO file whose annotations' bbox (and point_coords) are "
+                                     "the prompts: writes a COCO results JSON."),
+    images_root: Path | None = typer.Option(None, "--images-root", help="Where --coco's file_names live "
+                                            "(default: the COCO file's folder)."),
+    box: list[str] = typer.Option([], help="x0,y0,x1,y1 in pixels; repeat for several objects."),
+    point: list[str] = typer.Option([], help="x,y[,label] (label 1 = foreground, default; 0 = "
+                                    "background); all points describe one object."),
+    model: str | None = typer.Option(None, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... or a "
+                                     "model folder (default: models:/<registry.name>@champion)."),
+    out: Path | None = typer.Option(None, help="--image: mask PNG (several objects: NAME_0.png, ...; default "
+                                    "mask.png). --images / --coco: results JSON (default results.json)."),
+    params: Path = typer.Option(Path("params.yaml"), help="Parameter file (registry name, tracking store)."),
+    progress: bool = typer.Option(True, help="Show a progress bar (batch modes)."),
+) -> None:
+    """Segment prompted objects with a registered model: one image to mask PNGs, or a folder / COCO
+    file to a COCO results JSON (RLE masks, predicted IoU, effective rank)."""
+    chosen = [name for name, value in (("--image", image), ("--images", images), ("--coco", coco)) if value]
+    if len(chosen) != 1:
+        raise ValueError(f"give exactly one of --image, --images, --coco (got {', '.join(chosen) or 'none'})")
+    if image is not None:
+        _predict_one(image, box, point, _pyfunc(params, model), out or Path("mask.png"))
+        return
+    from gara.fsutil import atomic_write_json
+    from gara.registry import batch
+
+    if coco is not None:
+        if box or point:
+            raise ValueError("--coco takes its prompts from the annotations; drop --box / --point")
+        items = batch.items_from_coco(coco, images_root)
+    else:
+        items = batch.items_from_folder(images, *_prompts(box, point))
+    results = batch.predict_items(_pyfunc(params, model), items, progress=progress)
+    target = atomic_write_json(out or Path("results.json"), results)
+    typer.echo(f"wrote {target}: {len(results)} masks on {len(items)} images")
+
+
+def _predict_one(image: Path, box: list[str], point: list[str], pyfunc, out: Path) -> None:
+    from PIL import Image
+
+    from gara.fsutil import atomic_write
+    from gara.registry.model import make_request
+
+    boxes, points, labels = _prompts(box, point)
     if not image.is_file():
         raise FileNotFoundError(f"--image {image}: no such file")
-    request = make_request(image.read_bytes(), boxes, points, labels)
-    import mlflow.pyfunc
-
-    store = registry_uri(loaded)
-    with active_store(store):
-        try:
-            pyfunc = mlflow.pyfunc.load_model(uri)
-        except MlflowException as exc:
-            raise ValueError(
-                f"--model {uri}: cannot load it from {redact_uri(store)}: {exc.message}") from None
-        row = pyfunc.predict(request).iloc[0]
+    row = pyfunc.predict(make_request(image.read_bytes(), boxes, points, labels)).iloc[0]
     masks = row["masks"]
     paths = [out] if len(masks) == 1 else [
         out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(len(masks))]

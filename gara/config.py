@@ -186,6 +186,9 @@ class RegistryConfig(BaseModel):
     name: str = Field("gara-sam", pattern=r"^[A-Za-z0-9_.-]+$")
     candidate: str | None = None  # the report row to register (None: the report's primary model)
     base_row: str = "base"  # the report row of the frozen base (a first champion must beat it)
+    # Where pullers find the base's bytes, when the checkpoint trained on is a local path: an
+    # s3:// URL (or pkg://PACKAGE/FILE) holding the same bytes (its sha256 is checked at load).
+    base_uri: str | None = Field(None, pattern=r"^(s3|pkg)://[^/]+/.+")
     gate: GateConfig = Field(default_factory=GateConfig)
 
 

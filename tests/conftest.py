@@ -77,6 +77,19 @@ def s3_server() -> Iterator[S3Server]:
         server.stop()
 
 
+BASES_BUCKET = "published-bases"  # where a team publishes base checkpoints for its pullers
+
+
+def publish_base(s3: S3Server, base: Path) -> str:
+    """Upload a base checkpoint as a team would for its pullers; returns its s3:// URL
+    (registered versions name their base by it: ``registry.base_uri``)."""
+    client = s3.client()
+    if BASES_BUCKET not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+        client.create_bucket(Bucket=BASES_BUCKET)
+    client.upload_file(str(base), BASES_BUCKET, base.name)
+    return f"s3://{BASES_BUCKET}/{base.name}"
+
+
 @pytest.fixture
 def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     """Point this test's process environment at the local S3 server."""

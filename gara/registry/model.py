@@ -3,10 +3,12 @@
 What a registered version holds (``mlflow.pyfunc.log_model`` in :mod:`gara.registry.register`):
 
 - ``artifacts/adapter/``: ``adapter.safetensors`` + ``adapter.json`` (kind, sizes, target
-  layers, backbone, base URI + sha256). The base checkpoint is referenced, never copied, so
-  a version weighs what the adapter weighs.
+  layers, backbone, base URI + sha256). The base checkpoint is referenced by a portable URI
+  (``pkg://`` or ``s3://``), never copied, so a version weighs what the adapter and code weigh.
+- ``artifacts/model_card.md``: what it is, its evidence against the frozen base, its limits.
 - the code file :mod:`gara.registry.model_code` (models-from-code: nothing pickled) which
-  instantiates :class:`GaraSamModel`; the ``gara-sam`` package provides the rest.
+  instantiates :class:`GaraSamModel`, and ``code/gara/``, the sources of this package, so a
+  puller needs only the pinned public requirements (``mlflow.pyfunc.get_model_dependencies``).
 - ``model_config``: where to find the base at load time (``base_checkpoint``), overridable by
   ``mlflow.pyfunc.load_model(uri, model_config={"base_checkpoint": "s3://..."})`` or the
   ``GARA_BASE_CHECKPOINT`` environment variable. Whatever the location, the bytes must have
@@ -23,45 +25,74 @@ Boxes and points may be combined; then they describe the same objects, in order.
 :func:`make_request` builds rows from NumPy images. Output (one row per image): ``masks``
 (K, H, W) bool at the image's resolution, ``scores`` (K,) the decoder's predicted IoU,
 ``effective_rank`` {block: active rank-1 components} for GaRA adapters (empty otherwise).
+
+``params={"mask_format": "rle"}`` returns each mask as COCO RLE (``{"size": [H, W], "counts":
+str}``, pycocotools' compressed form) instead of an array: a served 4000x4000 mask is then a few
+KB of JSON, not tens of MB.
+
+A malformed request raises :class:`PredictInputError`, an ``INVALID_PARAMETER_VALUE``
+MlflowException, so ``mlflow models serve`` answers HTTP 400 with its one-line message (row and
+field named) and no stack trace. Any other failure is logged with its traceback on the server
+and answered with a short message.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
+
+log = logging.getLogger(__name__)
 
 BASE_ENV = "GARA_BASE_CHECKPOINT"
 ADAPTER_ARTIFACT = "adapter"
+CARD_ARTIFACT = "model_card"
 INPUT_COLUMNS = ("image", "boxes", "points", "point_labels")
+MASK_FORMATS = ("array", "rle")
 
 
-class PredictInputError(ValueError):
-    """A predict request is malformed; the message names the row and the field."""
+class PredictInputError(MlflowException, ValueError):
+    """A predict request is malformed; the message names the row and the field (HTTP 400 when served)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def signature():
     """The model signature: RGB image bytes + optional boxes / points in; masks, scores, ranks out."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, DataType, Map, Schema
+    from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Map, ParamSchema, ParamSpec, Schema
 
+    # Prompts are typed by parse_row, not by MLflow: its enforcement refuses integer pixel
+    # coordinates (JSON's [[10, 20, 80, 90]]) with a message that names neither row nor box.
     inputs = Schema([
         ColSpec(DataType.binary, "image"),
-        ColSpec(Array(Array(DataType.double)), "boxes", required=False),
-        ColSpec(Array(Array(Array(DataType.double))), "points", required=False),
-        ColSpec(Array(Array(DataType.long)), "point_labels", required=False),
+        ColSpec(AnyType(), "boxes", required=False),  # [[x0, y0, x1, y1], ...]
+        ColSpec(AnyType(), "points", required=False),  # [[[x, y], ...], ...]
+        ColSpec(AnyType(), "point_labels", required=False),  # [[1, 0, ...], ...]
     ])
     outputs = Schema([
-        ColSpec(Array(Array(Array(DataType.boolean))), "masks"),
+        ColSpec(Array(Array(Array(DataType.boolean))), "masks"),  # or RLE dicts with mask_format=rle
         ColSpec(Array(DataType.double), "scores"),
         ColSpec(Map(DataType.double), "effective_rank", required=False),
     ])
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    params = ParamSchema([ParamSpec("mask_format", DataType.string, MASK_FORMATS[0])])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def mask_format_of(params: dict[str, Any] | None) -> str:
+    value = (params or {}).get("mask_format") or MASK_FORMATS[0]
+    if value not in MASK_FORMATS:
+        raise PredictInputError(f"params.mask_format {value!r}: expected one of {list(MASK_FORMATS)}")
+    return value
 
 
 # --- requests ------------------------------------------------------------------------------
@@ -89,7 +120,7 @@ def make_request(
 ) -> pd.DataFrame:
     """One predict row (a DataFrame) from an RGB array (or encoded bytes) and prompts."""
     row: dict[str, Any] = {"image": image if isinstance(image, bytes) else encode_image(image)}
-    # The signature's types (double coordinates, long labels): ints would fail MLflow's check.
+    # Plain lists of float coordinates and int labels: JSON-serialisable, as a served request holds them.
     for key, value, dtype in (("boxes", boxes, np.float64), ("points", points, np.float64),
                               ("point_labels", point_labels, np.int64)):
         if value is not None:
@@ -221,23 +252,33 @@ class GaraSamModel(PythonModel):
         self.manifest = manifest
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        import torch
-
-        from gara.models.adapters.gara import effective_ranks
-        from gara.train.loop import block_name
-
+        mask_format = mask_format_of(params)
         rows = []
         for i, record in enumerate(records_of(model_input)):
             image, prompts = parse_row(record, i)
-            with torch.inference_mode():
-                masks, scores = self.segmenter.predict(image, prompts)
-                ranks = effective_ranks(self.segmenter, 1)
-            rows.append({
-                "masks": masks,
-                "scores": scores.astype(np.float64),
-                "effective_rank": {block_name(k): float(v[0]) for k, v in ranks.items()},
-            })
+            try:
+                rows.append(self._predict_row(image, prompts, mask_format))
+            except Exception as exc:  # not the request's fault: keep the trace on the server
+                log.exception("row %d: prediction failed", i)
+                raise MlflowException(f"row {i}: prediction failed ({type(exc).__name__}); see the server "
+                                      "log", error_code=INTERNAL_ERROR) from None
         return pd.DataFrame(rows, columns=["masks", "scores", "effective_rank"])
+
+    def _predict_row(self, image: np.ndarray, prompts, mask_format: str) -> dict[str, Any]:
+        import torch
+
+        from gara.data.coco import mask_to_rle
+        from gara.models.adapters.gara import effective_ranks
+        from gara.train.loop import block_name
+
+        with torch.inference_mode():
+            masks, scores = self.segmenter.predict(image, prompts)
+            ranks = effective_ranks(self.segmenter, 1)
+        return {
+            "masks": [mask_to_rle(m) for m in masks] if mask_format == "rle" else masks,
+            "scores": scores.astype(np.float64),
+            "effective_rank": {block_name(k): float(v[0]) for k, v in ranks.items()},
+        }
 
 
 def _exists_here(uri: str) -> bool:

