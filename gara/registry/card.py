@@ -46,6 +46,7 @@ def model_card(
             f"{adapter.kind} adapter ({manifest.trainable_params:,} trainable parameters on "
             f"{len(manifest.adapted_layers)} layers of the image encoder)")
     images = metrics.get("images", {})
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(images.get("source_kinds", {}).items()))
     bootstrap = metrics.get("bootstrap", {})
     lines = [
         f"# {registered_name}: {manifest.backbone} + {adapter.kind if adapter else 'no adapter'}",
@@ -56,7 +57,7 @@ def model_card(
         f"- **Trained on**: data `{tags.get('dvc_data_hash', 'unknown')}`, corruption set "
         f"`{tags.get('corruption_set', 'unknown')}`, code `{tags.get('git_commit', 'unknown')}`.",
         f"- **Evaluated on**: set `{metrics.get('evaluation_set')}` ({metrics.get('dataset', '')}): "
-        f"{images.get('source_images', '?')} source images {images.get('source_kinds', {})}, "
+        f"{images.get('source_images', '?')} source images ({kinds or 'kinds not recorded'}), "
         f"{images.get('evaluated', '?')} images, {images.get('instances', '?')} instances, "
         f"{len(metrics.get('corruption_types', []))} corruption types at severities "
         f"{metrics.get('severities', [])}.",
@@ -80,7 +81,7 @@ def model_card(
         "## Known limits",
         "",
         "- Scores hold for the evaluation set above; on other photos measure before you rely on them "
-        "(`gara evaluate --model models:/NAME/VERSION --data YOUR_COCO_SET`).",
+        f"(`gara evaluate --model models:/{registered_name}/VERSION --data YOUR_COCO_SET`).",
     ]
     if manifest.backbone in BOX_ONLY_BACKBONES:
         lines.append(f"- {manifest.backbone} was trained to answer box prompts: point prompts score near "

@@ -122,12 +122,14 @@ def read_run_id(adapter_dir: Path) -> str:
 
 def version_tags(
     run_tags: dict[str, str], metrics: dict[str, Any], candidate: str, params: Params, weights_sha: str,
+    base_uri: str,
 ) -> dict[str, str]:
     gate = params.registry.gate
     where = f"metrics.json models.{candidate}"
     summary = metrics["models"][candidate]["summary"]
     tags = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags}
     tags.update({
+        "base_checkpoint": base_uri,  # where pullers find it (the run's tag may be a local path)
         "gara.candidate": candidate,
         "gara.evaluation_set": str(metrics["evaluation_set"]),
         "gara.evaluation_dataset": str(metrics.get("dataset", "")),
@@ -204,7 +206,7 @@ def register(
             f"{adapter_dir / 'run.json'}: run {run_id} is not in {redact_uri(uri)} ({exc.message}); "
             "set MLFLOW_TRACKING_URI to the store gara train used") from None
     name = params.registry.name
-    tags = version_tags(run.data.tags, metrics, candidate, params, manifest.weights_sha256)
+    tags = version_tags(run.data.tags, metrics, candidate, params, manifest.weights_sha256, base_uri)
     existing = _existing(client, name, run_id, manifest.weights_sha256, tags["gara.evaluation_set"])
     if existing is not None:
         version = existing.version
@@ -263,7 +265,7 @@ def register_frozen_base(params: Params, records: Any, evaluation_set: str, data
         manifest = read_manifest(folder)
         base_uri = registered_base_uri(manifest, params, "model.checkpoint")
         run_tags = {"git_commit": git_commit(project_root()), "backbone": manifest.backbone,
-                    "adapter_kind": NO_ADAPTER, "base_checkpoint": str(manifest.base_checkpoint),
+                    "adapter_kind": NO_ADAPTER, "base_checkpoint": base_uri,
                     "base_checkpoint_sha256": sha, "mlflow.runName": FROZEN_BASE_RUN}
         run_id = client.create_run(experiment_id, tags=run_tags).info.run_id
         try:
@@ -273,7 +275,7 @@ def register_frozen_base(params: Params, records: Any, evaluation_set: str, data
             summary = summarize_model(rows, base_row)["summary"]
             metrics = {"evaluation_set": evaluation_set, "dataset": dataset,
                        "models": {base_row: {"summary": summary}}}
-            tags = version_tags(run_tags, metrics, base_row, params, manifest.weights_sha256)
+            tags = version_tags(run_tags, metrics, base_row, params, manifest.weights_sha256, base_uri)
             card = model_card(manifest, base_uri, tags, metrics, base_row, base_row, name)
             model_uri, model_id = _log_pyfunc(uri, run_id, folder, manifest, base_uri, card)
         except BaseException:
