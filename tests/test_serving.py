@@ -37,7 +37,6 @@ BOXES = [[10.0, 12.0, 60.0, 70.0], [50.0, 20.0, 110.0, 85.0]]
 
 @dataclass
 class Champion:
-    server: str
     uri: str
     adapter: Path
     env: dict[str, str]  # what a puller's process needs: the tracking server and the base's bucket
@@ -59,7 +58,7 @@ def champion(mlflow_s3_server, s3_server, tiny_vit_checkpoint, tmp_path_factory)
         make_run(server, params.train.mlflow.experiment, adapter)
         version = register(params, adapter, write_gate_report(root / "report", adapter, 60.0, 71.0)).version
         assert promote(params, version).promoted
-    return Champion(server, f"models:/{NAME}@champion", adapter, env)
+    return Champion(f"models:/{NAME}@champion", adapter, env)
 
 
 @pytest.fixture(autouse=True)
@@ -77,11 +76,8 @@ def in_process(champion: Champion, image: np.ndarray, boxes) -> tuple[np.ndarray
         return segmenter.predict(image, Prompts(boxes=torch.tensor(boxes)))
 
 
-def test_image() -> np.ndarray:
+def sample_image() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)
-
-
-test_image.__test__ = False  # a helper, not a test
 
 
 PULL_SCRIPT = """
@@ -115,7 +111,7 @@ def test_a_fresh_environment_with_only_the_versions_requirements_pulls_and_predi
     python = fresh_environment(listed, tmp_path / "puller")
     installed_s = time.perf_counter() - start
 
-    image = test_image()
+    image = sample_image()
     np.save(tmp_path / "image.npy", image)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     proc = subprocess.run(
@@ -158,7 +154,7 @@ def test_served_champion_answers_like_the_in_process_model_and_refuses_bad_reque
     port = free_port()
     cmd = [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", champion.uri,
            "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    image = test_image()
+    image = sample_image()
     masks, scores = in_process(champion, image, BOXES)
     url = f"http://127.0.0.1:{port}/invocations"
     path = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # it execs uvicorn
