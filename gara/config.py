@@ -193,7 +193,7 @@ class RegistryConfig(BaseModel):
 
 
 class Params(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
     corrupt: CorruptConfig = Field(default_factory=CorruptConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

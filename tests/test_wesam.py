@@ -23,6 +23,7 @@ from gara.data.dataset import InstanceDataset
 from gara.data.weak_labels import WeakLabelDataset
 from gara.models.adapters.config import AdapterConfig
 from gara.models.factory import build_segmenter
+from gara.models.inject import adapter_layers
 from gara.train.anchor import adapters_disabled
 from gara.train.wesam import build_wesam_batch, instance_contrast
 
@@ -115,6 +116,9 @@ def test_the_anchor_is_the_frozen_base_exactly(tiny_vit_checkpoint, kind):
         after = adapted(images, prompts).low_res_logits
     assert all(torch.equal(a, e) for a, e in zip(anchor, expected, strict=True))
     assert not all(torch.equal(a, e) for a, e in zip(after, expected, strict=True))  # adapters back on
+    # A switch the forward reads, not a patched method: nothing on the instances changed.
+    layers = adapter_layers(adapted).values()
+    assert all(layer.adapter_enabled and "forward" not in vars(layer) for layer in layers)
 
 
 def test_contrastive_loss_is_zero_for_one_instance_and_positive_when_mismatched():

@@ -55,7 +55,7 @@ class AdaptformerLayer(AdapterLayer):
         if cobot:
             self.cobot = CobotUnits(parts=1, spaces=(rank,))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         z = self.down(x)
         if self.cobot is not None:

@@ -74,7 +74,7 @@ class GaRALinear(LowRankAdapterLinear):
         coeff = torch.cat([(1 - z_space) * z_low, z_space * z_high], dim=-1)
         return coeff, z_space[:, 0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         tokens, out_tokens = as_tokens(x), as_tokens(out)
         coeff, space = self.gate_coefficients(tokens.mean(dim=1))

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
 class AdapterLayer(nn.Module):
     """Base of LoRA, GaRA and Adaptformer layers (what ``inject`` puts in place of a module).
 
-    Subclasses set ``part_names`` (the adapted output groups, e.g. ("q", "v")) and may hold a
-    COBOT unit group as ``self.cobot`` (see cobot.py).
+    Subclasses set ``part_names`` (the adapted output groups, e.g. ("q", "v")), implement
+    :meth:`adapted` (the base's output plus the adapter's update) and may hold a COBOT unit
+    group as ``self.cobot`` (see cobot.py). ``adapter_enabled`` is the switch ``forward`` reads
+    (peft's pattern): off, the layer is exactly its frozen base (WeSAM's anchor).
     """
 
     adapter_kind = "adapter"
@@ -21,6 +24,13 @@ class AdapterLayer(nn.Module):
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.cobot: nn.Module | None = None
+        self.adapter_enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapted(x) if self.adapter_enabled else self.base(x)
+
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement adapted()")
 
     def train(self, mode: bool = True) -> AdapterLayer:
         super().train(mode)

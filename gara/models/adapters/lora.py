@@ -23,7 +23,7 @@ class LoRALinear(LowRankAdapterLinear):
     ):
         super().__init__(base, layout, rank, scale, cobot_spaces=(rank,) if cobot else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         self._add_low_rank(as_tokens(out), as_tokens(x), coeff=None)
         return out
