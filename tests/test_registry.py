@@ -367,7 +367,7 @@ def test_pull_by_alias_in_a_fresh_process_matches_the_in_process_model(
     adapter_bytes = (adapter / "adapter.safetensors").stat().st_size
     base_bytes = base.stat().st_size
     print(f"registered model {model_bytes} B, adapter weights {adapter_bytes} B, base {base_bytes} B")
-    code_bytes = sum(o["Size"] for o in model_objects if "/code/gara/" in o["Key"])
+    code_bytes = sum(o["Size"] for o in model_objects if o["Key"].endswith("/code/gara.zip"))
     print(f"... of which code {code_bytes} B")
     assert any(o["Key"].endswith("adapter/adapter.safetensors") for o in model_objects)
     assert any(o["Key"].endswith("artifacts/model_card.md") for o in model_objects)

@@ -121,7 +121,7 @@ def test_a_fresh_environment_with_only_the_versions_requirements_pulls_and_predi
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert "/code/gara/" in report["gara_from"]  # the version's own copy of the code ran
+    assert "/code/gara.zip/gara/" in report["gara_from"]  # the version's own copy of the code ran
     pulled = np.load(tmp_path / "out.npz")
     masks, scores = in_process(champion, image, BOXES)
     np.testing.assert_array_equal(pulled["masks"], masks)

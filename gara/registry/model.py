@@ -7,7 +7,7 @@ What a registered version holds (``mlflow.pyfunc.log_model`` in :mod:`gara.regis
   (``pkg://`` or ``s3://``), never copied, so a version weighs what the adapter and code weigh.
 - ``artifacts/model_card.md``: what it is, its evidence against the frozen base, its limits.
 - the code file :mod:`gara.registry.model_code` (models-from-code: nothing pickled) which
-  instantiates :class:`GaraSamModel`, and ``code/gara/``, the sources of this package, so a
+  instantiates :class:`GaraSamModel`, and ``code/gara.zip``, the sources of this package, so a
   puller needs only the pinned public requirements (``mlflow.pyfunc.get_model_dependencies``).
 - ``model_config``: where to find the base at load time (``base_checkpoint``), overridable by
   ``mlflow.pyfunc.load_model(uri, model_config={"base_checkpoint": "s3://..."})`` or the
@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 BASE_ENV = "GARA_BASE_CHECKPOINT"
 ADAPTER_ARTIFACT = "adapter"
 CARD_ARTIFACT = "model_card"
+CODE_BUNDLE = "gara.zip"  # the package's sources, in the version's code/ folder
 INPUT_COLUMNS = ("image", "boxes", "points", "point_labels")
 MASK_FORMATS = ("array", "rle")
 

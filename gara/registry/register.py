@@ -12,11 +12,11 @@ The report's ``records.csv`` (per-instance scores) travels with it: the promotio
 a challenger with the champion image by image from these records.
 
 A version is self-contained, so a team without this repository can load it: it carries the
-``gara`` code it runs (MLflow ``code_paths``), pins every third-party distribution that code
-imports (:data:`SERVING_REQUIREMENTS`, at the versions installed here), names its base by a
-portable URI (``pkg://`` or ``s3://``, plus sha256; never a local path), logs an input
-example, and holds a ``model_card.md`` (:mod:`gara.registry.card`) that is also the version's
-description.
+``gara`` code it runs (``code/gara.zip`` through MLflow ``code_paths``), pins every third-party
+distribution that code imports (:data:`SERVING_REQUIREMENTS`, at the versions installed here),
+names its base by a portable URI (``pkg://`` or ``s3://``, plus sha256; never a local path),
+logs an input example, and holds a ``model_card.md`` (:mod:`gara.registry.card`) that is also
+the version's description.
 
 Registering the same run, adapter and evaluation set again returns the existing version
 (a retried flow task or a re-run stage does not pile up duplicates).
@@ -42,7 +42,7 @@ from gara.fsutil import atomic_write_json
 from gara.models.adapter_io import CONFIG_FILE, WEIGHTS_FILE, read_manifest
 from gara.models.checkpoints import portable_uri
 from gara.registry.card import model_card
-from gara.registry.model import ADAPTER_ARTIFACT, CARD_ARTIFACT, make_request, signature
+from gara.registry.model import ADAPTER_ARTIFACT, CARD_ARTIFACT, CODE_BUNDLE, make_request, signature
 from gara.registry.store import CHALLENGER, client_for, registry_uri
 from gara.tracking import active_store, flatten_tree, redact_uri
 
@@ -330,15 +330,17 @@ def serving_requirements() -> list[str]:
 
 
 def _stage_code(target: Path) -> Path:
-    """A copy of the gara package's sources (no caches, no data files) for ``code_paths``."""
-    staged = target / PACKAGE_DIR.name
-    for source in sorted(PACKAGE_DIR.rglob("*.py")):
-        if "__pycache__" in source.parts:
-            continue
-        destination = staged / source.relative_to(PACKAGE_DIR)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, destination)
-    return staged
+    """The gara package's sources as one zip (``code/gara.zip`` in the version; model_code.py puts
+    it on sys.path): one artifact to upload and download, not one per module."""
+    import zipfile
+
+    bundle = target / CODE_BUNDLE
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(bundle, "w", zipfile.ZIP_DEFLATED) as archive:
+        for source in sorted(PACKAGE_DIR.rglob("*.py")):
+            if "__pycache__" not in source.parts:
+                archive.write(source, source.relative_to(PACKAGE_DIR.parent).as_posix())
+    return bundle
 
 
 def input_example():
