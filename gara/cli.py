@@ -423,7 +423,8 @@ def predict_command(
     if len(chosen) != 1:
         raise ValueError(f"give exactly one of --image, --images, --coco (got {', '.join(chosen) or 'none'})")
     if image is not None:
-        _predict_one(image, box, point, _pyfunc(params, model), out or Path("mask.png"))
+        request = _one_request(image, box, point)  # checked before the (slow) model load
+        _write_masks(_pyfunc(params, model).predict(request).iloc[0], out or Path("mask.png"))
         return
     from gara.fsutil import atomic_write_json
     from gara.registry import batch
@@ -439,16 +440,21 @@ def predict_command(
     typer.echo(f"wrote {target}: {len(results)} masks on {len(items)} images")
 
 
-def _predict_one(image: Path, box: list[str], point: list[str], pyfunc, out: Path) -> None:
-    from PIL import Image
-
-    from gara.fsutil import atomic_write
+def _one_request(image: Path, box: list[str], point: list[str]):
     from gara.registry.model import make_request
 
     boxes, points, labels = _prompts(box, point)
     if not image.is_file():
         raise FileNotFoundError(f"--image {image}: no such file")
-    row = pyfunc.predict(make_request(image.read_bytes(), boxes, points, labels)).iloc[0]
+    return make_request(image.read_bytes(), boxes, points, labels)
+
+
+def _write_masks(row, out: Path) -> None:
+    """One predicted row -> mask PNG(s) at ``out`` (NAME_k.png for several objects), atomically."""
+    from PIL import Image
+
+    from gara.fsutil import atomic_write
+
     masks = row["masks"]
     paths = [out] if len(masks) == 1 else [
         out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(len(masks))]

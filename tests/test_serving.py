@@ -231,3 +231,7 @@ def test_batch_predict_writes_coco_results_that_pycocotools_loads(champion, tmp_
     assert not (tmp_path / "bad.json").exists()  # nothing half-written
     both = runner.invoke(app, ["predict", "--image", "x.png", "--coco", str(coco_file)])
     assert both.exit_code == 2 and "exactly one of --image, --images, --coco" in both.output
+    # Inputs are checked before the model loads: a missing photo is named, not a registry error.
+    missing = runner.invoke(app, ["predict", "--image", "missing.png", "--box", "1,1,5,5",
+                                  "--model", "models:/no-such-model@champion"])
+    assert missing.exit_code == 2 and "--image missing.png: no such file" in missing.output
