@@ -141,8 +141,10 @@ def items_from_coco(coco_file: Path, images: Path | None = None) -> list[BatchIt
 
 def predict_items(model: Any, items: Sequence[BatchItem], progress: bool = True) -> list[dict[str, Any]]:
     """Run ``model`` (a loaded pyfunc) on every item; returns COCO result entries."""
+    import numpy as np
     from tqdm import tqdm
 
+    from gara.data.coco import mask_to_rle
     from gara.registry.model import PredictInputError, make_request
 
     results = []
@@ -154,7 +156,9 @@ def predict_items(model: Any, items: Sequence[BatchItem], progress: bool = True)
             raise BatchInputError(f"{item.file_name} (image {item.image_id}): {exc.message}") from None
         ranks = row["effective_rank"] or {}
         mean_rank = sum(ranks.values()) / len(ranks) if ranks else None
-        for k, (rle, score) in enumerate(zip(row["masks"], row["scores"], strict=True)):
+        for k, (mask, score) in enumerate(zip(row["masks"], row["scores"], strict=True)):
+            # Versions registered before mask_format existed ignore the param and return arrays.
+            rle = mask if isinstance(mask, dict) else mask_to_rle(np.asarray(mask, dtype=bool))
             entry = {"image_id": item.image_id, "category_id": item.category_ids[k], "segmentation": rle,
                      "score": float(score), "file_name": item.file_name}
             if mean_rank is not None:
