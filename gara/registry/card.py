@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from gara.data.prompts import PROMPT_KINDS
 from gara.evaluate.metrics import METRICS
-from gara.evaluate.paired import PARTS, Interval
+from gara.evaluate.paired import NO_DIFFERENCE, PARTS, Interval
 from gara.evaluate.report import markdown_table
 from gara.models.backbones import get_backbone_spec
 
 # Backbones whose prompt encoder was trained on boxes only: their point answers are near the floor.
 BOX_ONLY_BACKBONES = ("lite_medsam",)
-KINDS = ("box", "point")
 
 
 def _score_rows(metrics: dict[str, Any], candidate: str, base_row: str) -> list[list[str]]:
@@ -25,7 +25,7 @@ def _score_rows(metrics: dict[str, Any], candidate: str, base_row: str) -> list[
     paired = doc.get("paired", {}).get(base_row, {})
     rows = []
     for part in PARTS:
-        for kind in KINDS:
+        for kind in PROMPT_KINDS:
             for metric in METRICS:
                 value = doc["summary"].get(part, {}).get(kind, {}).get(metric)
                 if value is None:
@@ -66,7 +66,7 @@ def model_card(
         "",
         f"Against the frozen base (`{base_row}`) on the same images and prompts: difference with its "
         f"95% interval from a paired bootstrap over source images ({bootstrap.get('resamples', '?')} "
-        "resamples); \"no measurable difference\" when the interval contains 0.",
+        f"resamples); \"{NO_DIFFERENCE}\" when the interval contains 0.",
         "",
         markdown_table(["images", "prompt", "metric", "score", f"minus {base_row}"],
                         _score_rows(metrics, candidate, base_row)).rstrip(),
