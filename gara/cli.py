@@ -133,42 +133,51 @@ def data_build_sample(
 
 
 
+# --- parameters: one loader for every command that reads them -------------------------------
+def _params_option():
+    return typer.Option(None, "--params", help="Parameter file (default: ./params.yaml if present, "
+                        "else the built-in defaults; a named file must exist).")
+
+
+def _set_option():
+    return typer.Option([], "--set", help="Override a parameter, e.g. --set train.lr=3e-4 (repeatable; "
+                        "YAML values; an unknown key is an error).")
+
+
+def _load(params: Path | None, sets: list[str], options: dict | None = None):
+    """Params file, then --set, then the command's own options (dotted keys; None = not given),
+    validated once by gara.config.load_params."""
+    from gara.config import load_params, parse_sets
+
+    overrides = parse_sets(sets)
+    for key, value in (options or {}).items():
+        if value is not None:
+            overrides[key] = str(value) if isinstance(value, Path) else value
+    return load_params(params, overrides)
+
+
 # --- corruption commands -----------------------------------------------------------------
 def _split_list(text: str) -> list[str]:
     return [part for part in text.replace(",", " ").split() if part]
 
 
-def _corrupt_params(
-    params_file: Path | None, types: str | None, severities: str | None, seed: int | None
-) -> tuple[list[str] | None, list[int] | None, int]:
-    """Options win over the ``corrupt`` section of a params file (DVC's params.yaml)."""
-    from gara.config import CorruptConfig, load_params
-
-    section = CorruptConfig()
-    if params_file is not None:
-        if not params_file.is_file():
-            raise FileNotFoundError(f"params file {params_file} does not exist")
-        section = load_params(params_file).corrupt
-    type_list = _split_list(types) if types is not None else section.types
-    if severities is not None:
-        sev_list: list[int] | None = []
-        for part in _split_list(severities):
-            try:
-                sev_list.append(int(part))
-            except ValueError:
-                raise ValueError(f"severity {part!r} is not an integer; valid: 1..5") from None
-    else:
-        sev_list = section.severities
-    return type_list, sev_list, seed if seed is not None else section.seed
+def _severities(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in _split_list(text)]
+    except ValueError:
+        raise ValueError(f"--severities {text!r}: expected comma-separated integers in 1..5") from None
 
 
 @app.command("corrupt")
 def corrupt(
     data: Path = typer.Option(..., "--data", help="Dataset folder: annotations.json + images."),
     out: Path = typer.Option(..., "--out", help="Output dataset folder (PNG images + COCO)."),
-    types: str | None = typer.Option(None, help="Comma-separated types; default: all 17."),
-    severities: str | None = typer.Option(None, help="Comma-separated, e.g. 1,3,5; default 1..5."),
-    seed: int | None = typer.Option(None, help="Default: params file's corrupt.seed, else 0."),
+    types: str | None = typer.Option(None, help="Comma-separated types (corrupt.types; default: all 17)."),
+    severities: str | None = typer.Option(None, help="Comma-separated, e.g. 1,3,5 (corrupt.severities; "
+                                          "default 1..5)."),
+    seed: int | None = typer.Option(None, help="corrupt.seed."),
     variants_per_image: int | None = typer.Option(
         None, min=1, help="Draw N (type, severity) pairs per image instead of the full grid."
     ),
@@ -177,17 +186,18 @@ def corrupt(
         "appears equally often over the images (for evaluation sets)."
     ),
     workers: int | None = typer.Option(None, min=1, help="Processes; default: all cores."),
-    params_file: Path | None = typer.Option(
-        None, help="YAML with a corrupt: section (types, severities, seed), e.g. params.yaml."
-    ),
+    params: Path | None = _params_option(),
+    set_: list[str] = _set_option(),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Write every (image, type, severity) of a dataset as a new dataset folder."""
     from gara.data.corrupt import corrupt_dataset
 
-    type_list, sev_list, seed_value = _corrupt_params(params_file, types, severities, seed)
+    section = _load(params, set_, {"corrupt.types": _split_list(types) if types else None,
+                                   "corrupt.severities": _severities(severities),
+                                   "corrupt.seed": seed}).corrupt
     summary = corrupt_dataset(
-        data, out, types=type_list, severities=sev_list, seed=seed_value,
+        data, out, types=section.types, severities=section.severities, seed=section.seed,
         variants_per_image=variants_per_image, workers=workers, progress=progress, balanced=balanced,
     )
     typer.echo(
@@ -210,8 +220,8 @@ def contact_sheet(
     """Render one image under every corruption type (rows) and severity (columns)."""
     from gara.data.corrupt import render_contact_sheet
 
-    type_list, sev_list, _ = _corrupt_params(None, types, severities, seed)
-    path = render_contact_sheet(image, out, type_list, sev_list, seed=seed, cell=cell)
+    type_list = _split_list(types) if types else None
+    path = render_contact_sheet(image, out, type_list, _severities(severities), seed=seed, cell=cell)
     typer.echo(f"wrote {path}")
 
 
@@ -225,24 +235,20 @@ def evaluate(
     ),
     data: str | None = typer.Option(None, help="Dataset folder (default: evaluate.data)."),
     out: str | None = typer.Option(None, help="Report folder (default: evaluate.out)."),
-    params: Path | None = typer.Option(
-        None, help="Parameter file (evaluate + model sections); default params.yaml if present."
-    ),
+    params: Path | None = _params_option(),
+    set_: list[str] = _set_option(),
     max_images: int | None = typer.Option(None, min=1, help="Source images (each with its variants)."),
     types: str | None = typer.Option(None, help="Comma-separated corruption types (default: all)."),
     severities: str | None = typer.Option(None, help="Comma-separated, e.g. 1,3,5 (default: all)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """IoU / Dice per corruption x severity x prompt kind; metrics.json, report.md, plots."""
-    from gara.config import load_params
     from gara.evaluate.report import evaluate_to_report, format_summary
 
-    overrides: dict = {"evaluate.data": data, "evaluate.out": out, "evaluate.max_images": max_images}
-    overrides["evaluate.types"] = None if types is None else _split_list(types)
-    overrides["evaluate.severities"] = None if severities is None else _split_list(severities)
-    if params is not None and not params.is_file():
-        raise FileNotFoundError(f"params file {params} does not exist")
-    loaded = load_params(params or "params.yaml", {k: v for k, v in overrides.items() if v is not None})
+    loaded = _load(params, set_, {
+        "evaluate.data": data, "evaluate.out": out, "evaluate.max_images": max_images,
+        "evaluate.types": _split_list(types) if types else None,
+        "evaluate.severities": _severities(severities)})
     metrics, result = evaluate_to_report(loaded, model, progress=progress)
     images, seconds = len(result.images), result.seconds
     typer.echo(format_summary(metrics))
@@ -253,66 +259,39 @@ def evaluate(
 
 
 # --- training commands -------------------------------------------------------------------
-def _parse_sets(items: list[str]) -> dict:
-    """``key=value`` pairs; values are YAML scalars (3e-4 -> float, true -> bool, null -> None)."""
-    import yaml
-
-    overrides: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {item!r}: expected dotted.key=value, e.g. train.lr=3e-4")
-        try:
-            overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ValueError(f"--set {item!r}: value is not a YAML scalar: {exc}") from None
-    return overrides
-
-
 @app.command("train")
 def train_command(
-    params: Path = typer.Option(Path("params.yaml"), help="Parameter file (model + train sections)."),
-    set_: list[str] = typer.Option([], "--set", help="Override, e.g. --set train.lr=3e-4 (repeatable)."),
+    params: Path | None = _params_option(),
+    set_: list[str] = _set_option(),
     workers: int | None = typer.Option(None, min=1, help="Ray workers (train.num_workers)."),
     epochs: int | None = typer.Option(None, min=1, help="Epochs (train.epochs)."),
     out: Path | None = typer.Option(None, help="Adapter output folder (train.out)."),
 ) -> None:
     """Train adapters on the frozen base with Ray Train; track the run in MLflow."""
-    from gara.config import load_params
     from gara.tracking import redact_uri
     from gara.train.launcher import train
 
-    overrides = _parse_sets(set_)
-    for key, value in (("train.num_workers", workers), ("train.epochs", epochs), ("train.out", out)):
-        if value is not None:
-            overrides[key] = str(value) if isinstance(value, Path) else value
-    loaded = load_params(params, overrides)
+    loaded = _load(params, set_, {"train.num_workers": workers, "train.epochs": epochs, "train.out": out})
     result = train(loaded)
     typer.echo(f"adapter: {result.adapter_dir}")
-    typer.echo(f"mlflow run: {result.run_id} ({redact_uri(loaded.train.mlflow.tracking_uri)})")
+    typer.echo(f"mlflow run: {result.run_id} ({redact_uri(result.tracking_uri)})")
+
 
 # --- registry commands -------------------------------------------------------------------
-def _load(params: Path, overrides: dict | None = None):
-    from gara.config import load_params
-
-    if params != Path("params.yaml") and not params.is_file():
-        raise FileNotFoundError(f"params file {params} does not exist")
-    return load_params(params, overrides or {})
-
-
 @app.command("register")
 def register_command(
-    adapter: Path = typer.Option(..., help="Adapter folder written by gara train (holds run.json)."),
+    adapter: Path = typer.Option(..., help="Adapter folder written by gara train."),
     report: Path = typer.Option(Path("reports/eval"), help="Evaluation report folder (metrics.json)."),
     candidate: str | None = typer.Option(None, help="Report row of this adapter (default: registry."
                                          "candidate, else the report's primary model)."),
-    params: Path = typer.Option(Path("params.yaml"), help="Parameter file (registry + train.mlflow)."),
+    params: Path | None = _params_option(),
+    set_: list[str] = _set_option(),
     out: Path | None = typer.Option(None, help="Write the registered version as JSON here."),
 ) -> None:
     """Register an evaluated adapter as a model version (alias challenger)."""
     from gara.registry.register import register
 
-    version = register(_load(params), adapter, report, candidate, out)
+    version = register(_load(params, set_), adapter, report, candidate, out)
     verb = "registered" if version.created else "already registered as"
     typer.echo(f"{verb} {version.model_uri} (@challenger) from run {version.run_id}: "
                f"gate {version.gate_score:.2f}, clear {version.clear_score:.2f}")
@@ -324,7 +303,8 @@ def promote_command(
                                        "else the @challenger alias)."),
     registered: Path | None = typer.Option(None, help="JSON written by gara register --out."),
     rollback: bool = typer.Option(False, "--rollback", help="Move champion back to the previous champion."),
-    params: Path = typer.Option(Path("params.yaml"), help="Parameter file (registry, evaluate, mlflow)."),
+    params: Path | None = _params_option(),
+    set_: list[str] = _set_option(),
     out: Path | None = typer.Option(None, help="Write the decision as JSON here."),
 ) -> None:
     """Make the challenger champion if it beats the current one on the gate metric (or roll back)."""
@@ -333,7 +313,7 @@ def promote_command(
     from gara.registry import promote as promotion
     from gara.registry.store import CHALLENGER, client_for, registry_uri
 
-    loaded = _load(params)
+    loaded = _load(params, set_)
     if rollback:
         result = promotion.rollback(loaded, out)
         typer.echo(f"{result.name}: champion moved back from version {result.from_version} "
@@ -357,6 +337,30 @@ def promote_command(
                f"champion is version {decision.champion}")
 
 
+@app.command("publish")
+def publish_command(
+    adapter: Path = typer.Option(..., help="Adapter folder written by gara train."),
+    report: Path = typer.Option(Path("reports/eval"), help="Evaluation report folder that scored it."),
+    out: Path | None = typer.Option(None,
+                             help="Record of what the store holds (default reports/registry/publish.json; "
+                             "read first: in step = nothing to do)."),
+    params: Path | None = _params_option(),
+    set_: list[str] = _set_option(),
+) -> None:
+    """Register + promote (the pipeline's registry stage), unless the store already holds the outcome."""
+    from gara.registry.publish import DEFAULT_RECORD, publish
+
+    out = out or DEFAULT_RECORD
+    result = publish(_load(params, set_), adapter, report, out)
+    if result.in_step:
+        typer.echo(f"{result.store}: {result.name} version {result.version} (these weights, this evaluation) "
+                   f"and a champion are there, as {out} records; nothing to do")
+        return
+    verdict = "promoted to champion" if result.promoted else "not promoted"
+    typer.echo(f"{result.store}: {result.name} version {result.version} {verdict} ({result.reason}); "
+               f"champion is version {result.champion}")
+
+
 def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",")]
@@ -367,7 +371,7 @@ def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
     return values
 
 
-def _pyfunc(params: Path, model: str | None):
+def _pyfunc(params: Path | None, sets: list[str], model: str | None):
     """The model a predict command runs (default: the registry's champion), loaded once."""
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
@@ -375,7 +379,7 @@ def _pyfunc(params: Path, model: str | None):
     from gara.registry.store import registry_uri
     from gara.tracking import active_store, redact_uri
 
-    loaded = _load(params)
+    loaded = _load(params, sets)
     uri = model or f"models:/{loaded.registry.name}@champion"
     store = registry_uri(loaded)
     with active_store(store):
@@ -414,7 +418,8 @@ def predict_command(
                                      "model folder (default: models:/<registry.name>@champion)."),
     out: Path | None = typer.Option(None, help="--image: mask PNG (several objects: NAME_0.png, ...; default "
                                     "mask.png). --images / --coco: results JSON (default results.json)."),
-    params: Path = typer.Option(Path("params.yaml"), help="Parameter file (registry name, tracking store)."),
+    params: Path | None = _params_option(),
+    set_: list[str] = _set_option(),
     progress: bool = typer.Option(True, help="Show a progress bar (batch modes)."),
 ) -> None:
     """Segment prompted objects with a registered model: one image to mask PNGs, or a folder / COCO
@@ -424,7 +429,7 @@ def predict_command(
         raise ValueError(f"give exactly one of --image, --images, --coco (got {', '.join(chosen) or 'none'})")
     if image is not None:
         request = _one_request(image, box, point)  # checked before the (slow) model load
-        _write_masks(_pyfunc(params, model).predict(request).iloc[0], out or Path("mask.png"))
+        _write_masks(_pyfunc(params, set_, model).predict(request).iloc[0], out or Path("mask.png"))
         return
     from gara.fsutil import atomic_write_json
     from gara.registry import batch
@@ -435,7 +440,7 @@ def predict_command(
         items = batch.items_from_coco(coco, images_root)
     else:
         items = batch.items_from_folder(images, *_prompts(box, point))
-    results = batch.predict_items(_pyfunc(params, model), items, progress=progress)
+    results = batch.predict_items(_pyfunc(params, set_, model), items, progress=progress)
     target = atomic_write_json(out or Path("results.json"), results)
     typer.echo(f"wrote {target}: {len(results)} masks on {len(items)} images")
 

@@ -1,11 +1,15 @@
-"""Typed parameters: params.yaml -> pydantic models -> functions.
+"""Typed parameters: params.yaml + --set overrides -> pydantic models -> functions.
 
-One loader; a bad value fails at load time with the file, the dotted key and the value.
-Top-level sections this module does not model are kept as plain dicts.
+The defaults below are the single definition of every default; params.yaml spells the same
+values out for DVC and for editing (tests/test_config.py keeps the two equal). They are sized
+for the CPU main job (`make run`); a GPU run raises the budget in params.yaml (README).
+One loader (``load_params``) serves every command; a bad value or an unknown key fails at
+load time with the file, the dotted key and the value, on one line.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,10 +46,10 @@ class CorruptConfig(BaseModel):
     seed: int = 0
     types: list[str] | None = None  # None = all 17
     severities: list[int] | None = None  # None = 1..5
-    train_variants_per_image: int | None = Field(None, ge=1)  # drawn per image; None = the full grid
+    train_variants_per_image: int | None = Field(2, ge=1)  # drawn per image; None = the full grid
     # Evaluation split: N per image dealt out so every type appears equally often (balanced);
     # None = the full grid.
-    val_variants_per_image: int | None = Field(None, ge=1)
+    val_variants_per_image: int | None = Field(3, ge=1)
 
 
 class PromptConfig(BaseModel):
@@ -108,16 +112,16 @@ class TrainConfig(BaseModel):
     out: str = "artifacts/adapter"
     seed: int = 0
     epochs: int = Field(1, ge=1)
-    batch_size: int = Field(4, ge=1)  # images per worker per step
-    max_steps_per_epoch: int | None = Field(None, ge=1)
-    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(2, ge=1)  # images per worker per step
+    max_steps_per_epoch: int | None = Field(12, ge=1)
+    lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
     focal_weight: float = Field(20.0, ge=0)
     dice_weight: float = Field(1.0, ge=0)
     iou_weight: float = Field(1.0, ge=0)
     prompts: PromptConfig = Field(default_factory=PromptConfig)
-    val_max_images: int = Field(16, ge=1)  # per-epoch validation subset (clean + corrupted)
+    val_max_images: int = Field(8, ge=1)  # per-epoch validation subset (clean + corrupted)
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     # Autocast where the hardware runs it natively: GPUs, and bf16 on CPUs with AVX512-BF16/AMX
@@ -204,31 +208,80 @@ class Params(BaseModel):
 
 def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {key}"
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
 
 
 def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    """Validate a params tree once; every problem named on one line (key, message, value)."""
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        lines = "\n  ".join(_describe(e) for e in exc.errors())
-        raise ConfigError(f"{source}: invalid parameters:\n  {lines}") from None
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"{source}: {problems}") from None
 
 
-def load_params(path: str | Path = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:
-    """Read a params file (missing file = all defaults) and apply dotted-key overrides."""
-    path = Path(path)
+def parse_sets(items: Iterable[str]) -> dict[str, Any]:
+    """``--set dotted.key=value`` items -> overrides; values are YAML scalars (3e-4 -> float,
+    true -> bool, null -> None, [q,v] -> list)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.lr=3e-4")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: value is not YAML: {exc}".splitlines()[0]) from None
+    return overrides
+
+
+def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Params:
+    """The one loader every command uses: a params file, then dotted-key overrides (``--set``
+    and command options), validated once.
+
+    ``path`` None: ``params.yaml`` in the current directory when there is one, else the
+    defaults above. A file that is named and missing is an error, never silently the defaults.
+    """
+    if path is None:
+        path = PARAMS_FILE if PARAMS_FILE.is_file() else None
     raw: dict[str, Any] = {}
-    if path.is_file():
+    source = "defaults"
+    if path is not None:
+        path, source = Path(path), str(path)
+        if not path.is_file():
+            raise ConfigError(f"params file {path} does not exist")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
+        check_key(dotted)
         set_dotted(raw, dotted, value)
-    return parse_params(raw, str(path))
+    if overrides:
+        source += " + overrides"
+    return parse_params(raw, source)
+
+
+def check_key(dotted: str) -> None:
+    """Refuse an override whose key names no parameter, before anything runs (a typo such as
+    ``trian.lr`` must not train on defaults), listing the keys that exist at that level."""
+    section: type[BaseModel] = Params
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        fields = section.model_fields
+        if part not in fields:
+            where = ".".join(parts[:depth]) or "the top level"
+            raise ConfigError(f"--set {dotted}: unknown key {part!r} in {where} (known: {', '.join(fields)})")
+        annotation = fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            if depth < len(parts) - 1:
+                raise ConfigError(f"--set {dotted}: {'.'.join(parts[:depth + 1])} is a value, not a section")
+            return
+        section = annotation
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -11,6 +11,16 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 SQLITE_PREFIX = "sqlite:///"
+# The sha256 of an adapter's weights, on the run that trained them and on every version made
+# from them: how a folder finds its run and its version in any store.
+ADAPTER_WEIGHTS_TAG = "gara.adapter_weights_sha256"
+# An MLflow server must answer within this: MLflow's client retries a refused connection for
+# minutes (then prints chained tracebacks) before anything is logged.
+REACHABLE_TIMEOUT_S = 5.0
+
+
+class TrackingServerUnreachable(ConnectionError):
+    """The tracking server named by the URI did not answer (a user error: one line, exit 2)."""
 
 
 def flatten_tree(tree: dict[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:
@@ -47,6 +57,18 @@ def resolve_tracking_uri(configured: str | None, base: Path | None = None) -> st
     return absolute_tracking_uri(uri, base or Path.cwd()) if uri else None
 
 
+def ensure_experiment(client, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created when missing (with a SQLite store, its artifacts
+    go beside the database, not into whatever the current directory is)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith(SQLITE_PREFIX):
+        location = (Path(uri[len(SQLITE_PREFIX):]).parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
 def redact_uri(uri: str | None) -> str:
     """Drop user:password@ from a URI before it is printed or written anywhere."""
     if not uri:
@@ -59,6 +81,31 @@ def redact_uri(uri: str | None) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def require_reachable(uri: str, timeout: float = REACHABLE_TIMEOUT_S) -> None:
+    """Fail in seconds, naming the URI, when an http(s) tracking server does not answer.
+
+    Any HTTP answer counts (a 401 from an authenticating proxy is a reachable server); local
+    stores (sqlite, file) need no check.
+    """
+    import urllib.error
+    import urllib.request
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    health = urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/health", query="", fragment=""))
+    try:
+        with urllib.request.urlopen(health, timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingServerUnreachable(
+            f"MLflow tracking server {redact_uri(uri)} did not answer within {timeout:.0f} s ({reason}); "
+            "start it, or set MLFLOW_TRACKING_URI / train.mlflow.tracking_uri to one that runs") from None
+
+
 @contextlib.contextmanager
 def active_store(uri: str) -> Iterator[None]:
     """Point MLflow's fluent API (log_model, load_model) at ``uri`` for a block, then restore.
@@ -68,6 +115,7 @@ def active_store(uri: str) -> Iterator[None]:
     """
     import mlflow
 
+    require_reachable(uri)
     saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default=DEPLOYMENT)
     parser.add_argument("--cron", default=DEFAULT_CRON, help="Cron schedule (UTC); '' for on-demand only.")
     parser.add_argument("--param", action="append", default=[],
-                        help="Default flow parameter NAME=YAML_VALUE (workdir, data_rev, overrides, ...).")
+                        help="Default flow parameter NAME=YAML_VALUE (workdir, data_rev, ray_address).")
     args = parser.parse_args(argv)
     import yaml
 
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--param {item!r}: expected NAME=VALUE")
         parameters[key] = yaml.safe_load(value)
     retrain.serve(name=args.name, cron=args.cron or None, parameters=parameters,
-                  tags=["gara", "retrain"], description="Scheduled retraining: pull data, corrupt, train, "
-                  "evaluate, register, promote.")
+                  tags=["gara", "retrain"], description="Scheduled retraining: pull data, then dvc.yaml's "
+                  "stages (corrupt, train, evaluate, publish).")
 
 
 if __name__ == "__main__":

@@ -159,8 +159,8 @@ def test_per_kind_default_targets_and_bad_config_errors():
     with pytest.raises(ValidationError, match="high_rank=250"):
         AdapterConfig(kind="gara", high_rank=250, cobot=True)
     with pytest.raises(ConfigError, match=r"model\.adapter: .*divisible by 4.*rank=10"):
-        load_params("missing-params.yaml", {"model.adapter.kind": "adaptformer", "model.adapter.rank": 10,
-                                            "model.adapter.cobot": True})
+        load_params(None, {"model.adapter.kind": "adaptformer", "model.adapter.rank": 10,
+                          "model.adapter.cobot": True})
     # Capped ranks stay multiples of 4 with COBOT (0.1 * 100 = 10 -> 8).
     assert AdapterConfig(kind="lora", cobot=True, rank_cap_fraction=0.1).capped(16, 100) == 8
     assert AdapterConfig(kind="lora", rank_cap_fraction=0.1).capped(16, 100) == 10

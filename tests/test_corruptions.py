@@ -379,7 +379,7 @@ def test_cli_corrupt_and_contact_sheet(tmp_path: Path) -> None:
     params.write_text("corrupt:\n  seed: 4\n  types: [jpeg, elastic]\n  severities: [2]\n")
     runner = CliRunner()
     res = runner.invoke(app, ["corrupt", "--data", str(data), "--out", str(tmp_path / "out"),
-                              "--params-file", str(params), "--workers", "1", "--no-progress"])
+                              "--params", str(params), "--workers", "1", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "6 images (2 sources)" in res.output
     meta = json.loads((tmp_path / "out/annotations.json").read_text())["corruption"]

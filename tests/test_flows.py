@@ -1,12 +1,13 @@
-"""The Prefect retrain flow on real servers: Prefect, MLflow (SQLite), an S3 server, Ray.
+"""The Prefect retrain flow on real servers: Prefect, MLflow, an S3 server, Ray.
 
-A tiny DVC project (vit_tiny base, blob images) is served as the deployment
-``retrain/nightly`` with its cron schedule, triggered on demand, and must finish with a new
-model version. Then the flow runs with an S3 upload that fails once (it must retry and
-succeed) and with uploads that always fail (the registry and its champion must stay as they
-were). Faults come from a real HTTP proxy in front of the S3 server; MLflow clients upload
-to S3 directly (``--no-serve-artifacts``) through it, with boto3's own retries off so the
-flow's retry is what recovers.
+A tiny DVC project (this checkout's dvc.yaml and gara/, blob images, a vit_tiny base) is served
+as the deployment ``retrain/nightly`` with its cron schedule, triggered on demand, and must run
+dvc.yaml's stages and finish with a new model version. Then a changed parameter is evaluated
+again with an S3 upload that always fails (the publish stage is retried, the flow fails, and the
+registry and its champion stay as they were), and again with one that fails once (DVC skips
+the finished stages, the retried publish lands once). Faults come from a real HTTP proxy in
+front of the S3 server; MLflow clients upload to S3 directly (``--no-serve-artifacts``)
+through it, with boto3's own retries off so the flow's retry is what recovers.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from gara.config import load_params
 from gara.registry.store import CHAMPION, client_for
+from pipelines.retrain import STAGE_RETRIES
 from tests.conftest import free_port, publish_base, running_mlflow_server
 from tests.test_train import make_dataset
 
@@ -121,22 +124,24 @@ def stack(tmp_path_factory, s3_server, mlflow_db_template, prefect_server, tiny_
 
 
 def tiny_project(path: Path, base: Path, base_uri: str, env: dict[str, str]) -> Path:
-    """A git + DVC project with blob images tracked by data.dvc and pushed to a local remote."""
+    """A git + DVC project: this checkout's dvc.yaml and gara/, blob images tracked by data.dvc
+    and pushed to a local remote, and a complete params.yaml sized for seconds of training."""
     make_dataset(path / "data" / "train", 6, 0)
     make_dataset(path / "data" / "val", 3, 1)
-    params = {
-        "corrupt": {"seed": 0, "types": ["fog", "gaussian_noise"], "severities": [2],
-                    "train_variants_per_image": 1},
-        "model": {"backbone": "vit_tiny", "checkpoint": str(base),
-                  "adapter": {"kind": "gara", "low_rank": 4, "high_rank": 8}},
-        "train": {"epochs": 1, "batch_size": 2, "max_steps_per_epoch": 3, "lr": 1e-3, "num_workers": 1,
-                  "val_max_images": 2, "mixed_precision": "no", "max_failures": 0,
-                  "mlflow": {"experiment": "flows"}},
-        "evaluate": {"prompts": {"kinds": ["box"]}, "overlay_images": 0, "mixed_precision": "no"},
-        "registry": {"name": MODEL, "candidate": "gara", "base_uri": base_uri,
-                     "gate": {"margin": 0.0, "max_clear_drop": 100.0}},
-    }
-    (path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    shutil.copy2(REPO / "dvc.yaml", path / "dvc.yaml")
+    shutil.copytree(REPO / "gara", path / "gara", ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(path, {
+        "corrupt.types": ["fog", "gaussian_noise"], "corrupt.severities": [2],
+        "corrupt.train_variants_per_image": 1, "corrupt.val_variants_per_image": 1,
+        "model.backbone": "vit_tiny", "model.checkpoint": str(base),
+        "model.adapter.low_rank": 4, "model.adapter.high_rank": 8, "model.adapter.rank": 4,
+        "train.epochs": 1, "train.batch_size": 2, "train.max_steps_per_epoch": 3, "train.lr": 1e-3,
+        "train.num_workers": 1, "train.val_max_images": 2, "train.mixed_precision": "no",
+        "train.max_failures": 0, "train.mlflow.experiment": "flows",
+        "evaluate.prompts.kinds": ["box"], "evaluate.overlay_images": 0, "evaluate.mixed_precision": "no",
+        "registry.name": MODEL, "registry.base_uri": base_uri,
+        "registry.gate.margin": 0.0, "registry.gate.max_clear_drop": 100.0,
+    })
     dvc = [sys.executable, "-m", "dvc"]
     for cmd in (["git", "init", "-q"], [*dvc, "init", "-q"],
                 [*dvc, "remote", "add", "-d", "store", str(path.parent / "dvc-store")],
@@ -146,6 +151,13 @@ def tiny_project(path: Path, base: Path, base_uri: str, env: dict[str, str]) -> 
         subprocess.run(cmd, cwd=path, env=env, check=True, capture_output=True, timeout=300)
     shutil.rmtree(path / "data")  # the flow must pull it
     return path
+
+
+def write_params(project: Path, overrides: dict) -> None:
+    """Every key DVC interpolates or tracks must be in params.yaml: write the whole tree."""
+    previous = project / "params.yaml"
+    params = load_params(previous if previous.exists() else None, overrides)
+    previous.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
 
 
 def versions(stack) -> list[str]:
@@ -160,10 +172,8 @@ def champion(stack) -> str | None:
         return None
 
 
-def run_flow(stack, *sets: str) -> subprocess.CompletedProcess:
+def run_flow(stack) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "pipelines" / "retrain.py"), "--workdir", str(stack["project"])]
-    for item in sets:
-        cmd += ["--set", item]
     return subprocess.run(cmd, env=stack["env"], capture_output=True, text=True, timeout=900)
 
 
@@ -230,32 +240,32 @@ def test_deployment_with_cron_runs_on_demand_and_registers_a_version(stack):
 def test_a_lasting_upload_fault_changes_nothing_and_a_passing_one_is_retried(stack):
     before, champion_before = versions(stack), champion(stack)
     proxy = stack["proxy"]
+    write_params(stack["project"], {"evaluate.seed": 1})  # new prompts: a new evaluation to publish
 
-    # Every upload of the registered model fails: registration gives up after its retries and
-    # the flow fails before promotion.
+    # Every upload of the registered model fails: the publish stage gives up after its retries
+    # and the flow fails; the new evaluation did finish (DVC's lock).
     proxy.fail_path, proxy.fail_all_puts, proxy.failed = "/models/", True, 0
     try:
-        broken = run_flow(stack, "train.seed=1")
+        broken = run_flow(stack)
     finally:
         proxy.fail_all_puts = False
     assert broken.returncode != 0
-    assert proxy.failed >= 4, "at least one failed upload per attempt: the first try and 3 retries"
+    assert proxy.failed >= 1 + STAGE_RETRIES, "a failed upload per attempt: the first try and each retry"
     assert versions(stack) == before, "a failed run registers nothing"
     assert champion(stack) == champion_before, "and the champion stays"
 
-    # Same inputs, one failing upload: training and evaluation come from the cache, the
-    # registration is retried once and lands once.
+    # Same inputs, one failing upload: DVC skips the finished stages, publish is retried once
+    # and lands once.
     proxy.fail_puts, proxy.failed = 1, 0
-    once = run_flow(stack, "train.seed=1")
+    once = run_flow(stack)
     assert once.returncode == 0, once.stderr[-4000:]
     assert proxy.failed == 1
-    assert len(versions(stack)) == len(before) + 1
     result = json.loads(once.stdout[once.stdout.index("{"):])
-    assert result["registered"]["version"] == versions(stack)[-1]
-    def task_runs(name: str) -> list[dict]:
-        return prefect_api(stack, "POST", "/task_runs/filter", {"task_runs": {"name": {"like_": name}}})
-
-    tasks = task_runs("register_version")
-    assert sorted(t["run_count"] for t in tasks)[-2:] == [2, 4]  # this run's retry, the broken run's 4
-    trains = task_runs("train_adapter")
-    assert sum(t["state_name"] == "Cached" for t in trains) >= 1, [t["state_name"] for t in trains]
+    assert result["stages"] == {"corrupt": "skipped", "train@gara": "skipped", "train@lora": "skipped",
+                                "evaluate": "skipped", "publish": "ran"}
+    assert len(versions(stack)) == len(before) + 1
+    assert result["published"]["version"] == versions(stack)[-1]
+    publishes = {"task_runs": {"name": {"like_": "stage publish"}}}
+    runs = prefect_api(stack, "POST", "/task_runs/filter", publishes)
+    # this run's one retry, and the broken run's first try + every retry
+    assert sorted(t["run_count"] for t in runs)[-2:] == [2, 1 + STAGE_RETRIES]

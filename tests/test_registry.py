@@ -32,9 +32,10 @@ from gara.models.inject import adapter_state_dict
 from gara.models.segmenter import Prompts
 from gara.registry.model import PredictInputError, make_request
 from gara.registry.promote import PromotionError, evaluation_rescorer, promote, rollback
+from gara.registry.publish import publish
 from gara.registry.register import RegistrationError, register
 from gara.registry.store import CHALLENGER, CHAMPION, client_for
-from gara.tracking import active_store
+from gara.tracking import ADAPTER_WEIGHTS_TAG, active_store
 from tests.conftest import BASES_BUCKET, publish_base
 from tests.test_train import make_dataset
 
@@ -70,7 +71,7 @@ def params_for(server: str, name: str, base: Path, **registry) -> Params:
 
 
 def make_run(server: str, experiment: str, adapter_dir: Path) -> str:
-    """A real MLflow run with lineage tags, named in run.json as gara train does."""
+    """A real MLflow run with lineage tags, tagged with the adapter's weights as gara train does."""
     client = client_for(server)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
@@ -79,9 +80,9 @@ def make_run(server: str, experiment: str, adapter_dir: Path) -> str:
         "git_commit": "test", "backbone": manifest.backbone, "adapter_kind": manifest.adapter.kind,
         "base_checkpoint": manifest.base_checkpoint,
         "base_checkpoint_sha256": manifest.base_checkpoint_sha256,
+        ADAPTER_WEIGHTS_TAG: manifest.weights_sha256,
     })
     client.set_terminated(run.info.run_id, "FINISHED")
-    (adapter_dir / "run.json").write_text(json.dumps({"run_id": run.info.run_id}), encoding="utf-8")
     return run.info.run_id
 
 
@@ -291,10 +292,11 @@ def test_register_is_idempotent_and_refuses_mismatches(server, tiny_vit_checkpoi
     base = tiny_vit_checkpoint.path
     params = params_for(server, "idem", base)
     adapter = make_adapter(tmp_path / "a", base, 1)
-    make_run(server, params.train.mlflow.experiment, adapter)
+    run_id = make_run(server, params.train.mlflow.experiment, adapter)
     report = write_gate_report(tmp_path / "r", adapter, 55.0, 70.0)
     first, again = register(params, adapter, report), register(params, adapter, report)
     assert first.created and not again.created and first.version == again.version
+    assert first.run_id == run_id  # found by its weights: the folder names no run
 
     other = make_adapter(tmp_path / "b", base, 2)
     make_run(server, params.train.mlflow.experiment, other)
@@ -302,9 +304,6 @@ def test_register_is_idempotent_and_refuses_mismatches(server, tiny_vit_checkpoi
         register(params, other, report)  # the report scored adapter a
     with pytest.raises(RegistrationError, match="no model row 'lora'"):
         register(params, adapter, report, candidate="lora")
-    (other / "run.json").unlink()
-    with pytest.raises(RegistrationError, match="run.json: missing"):
-        register(params, other, report)
     local_only = params.registry.model_copy(update={"base_uri": None})
     unpublished = params.model_copy(update={"registry": local_only})
     with pytest.raises(RegistrationError, match=rf"base checkpoint {base} is a local path.*base_uri"):
@@ -511,3 +510,32 @@ def test_cli_promote_without_a_challenger_is_a_one_line_error(server, tmp_path, 
     result = CliRunner().invoke(app, ["promote"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "has no @challenger version to decide on" in result.output
+
+
+def test_publish_does_nothing_in_step_and_publishes_again_into_a_store_that_lacks_it(
+        server, tiny_vit_checkpoint, tmp_path):
+    """The pipeline's registry stage runs on every dvc repro: a no-op while the store holds the
+    outcome (checked over REST for a server, by SQL for a sqlite file), a full publish into a
+    store that never saw the training run, or that lost the version the record names.
+    (tests/test_pipeline_e2e.py deletes the pipeline's mlflow.db between two dvc repro.)"""
+    base = tiny_vit_checkpoint.path
+    adapter = make_adapter(tmp_path / "a", base, 1)
+    report = write_gate_report(tmp_path / "r", adapter, 70.0, 70.0)  # beats the base (50 / 70)
+    record = tmp_path / "reports" / "publish.json"
+    db = tmp_path / "mlflow.db"
+    for store in (server, f"sqlite:///{db}", f"sqlite:///{db}"):
+        if db.exists():  # the store loses the model; the record still names its version
+            client_for(store).delete_registered_model("pub")
+        params = params_for(store, "pub", base)
+        first = publish(params, adapter, report, record)
+        assert not first.in_step and first.promoted and first.champion == first.version
+        client = client_for(store)
+        assert str(client.get_model_version_by_alias("pub", CHAMPION).version) == first.version
+        training = client.get_run(client.get_model_version("pub", first.version).run_id)
+        assert training.data.tags["gara.training_run"].startswith("not in this store")
+        count = len(client.search_model_versions("name = 'pub'"))
+
+        again = publish(params, adapter, report, record)
+        assert again.in_step and again.version == first.version
+        assert len(client.search_model_versions("name = 'pub'")) == count  # nothing written
+        assert json.loads(record.read_text())["store"] == store

@@ -23,7 +23,7 @@ from gara.data.dataset import InstanceDataset
 from gara.models.adapter_io import load_adapted_segmenter, read_manifest
 from gara.models.factory import build_segmenter
 from gara.models.transforms import ImageTransform
-from gara.tracking import absolute_tracking_uri, redact_uri
+from gara.tracking import ADAPTER_WEIGHTS_TAG, absolute_tracking_uri, redact_uri
 from gara.train.batches import build_batch, logits_size
 from gara.train.launcher import resolve_paths, run_params
 from gara.train.lineage import corruption_set, dvc_data_hash
@@ -150,7 +150,7 @@ def test_lineage_data_hash_prefers_dvc_lock_then_dvc_file_then_annotations(tmp_p
 
 
 def test_paths_and_tracking_uri_become_absolute_and_credentials_are_redacted(tmp_path):
-    params = load_params(tmp_path / "none.yaml", {"train.storage_path": "s3://bucket/ray"})
+    params = load_params(None, {"train.storage_path": "s3://bucket/ray"})
     resolved = resolve_paths(params, tmp_path)
     assert resolved.train.data == str(tmp_path / "artifacts/corrupted/train")
     assert resolved.train.storage_path == "s3://bucket/ray"
@@ -214,7 +214,8 @@ def cli_run(ray_cluster, tiny, mlflow_server, tmp_path_factory) -> dict:
                                       "--epochs", "3", "--out", str(out)])
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     run_id = result.output.split("mlflow run: ")[1].split()[0]
-    return {"out": out, "run_id": run_id, "output": result.output, "params": params_file}
+    return {"out": out, "run_id": run_id, "output": result.output, "params": params_file,
+            "tracking_uri": mlflow_server}
 
 
 def _eval_loss(seg, tiny) -> float:
@@ -231,14 +232,14 @@ def _eval_loss(seg, tiny) -> float:
 def test_training_lowers_the_loss_and_writes_a_loadable_adapter(cli_run, tiny):
     out = cli_run["out"]
     assert f"adapter: {out}" in cli_run["output"]
-    assert sorted(p.name for p in out.iterdir()) == ["adapter.json", "adapter.safetensors", "run.json"]
+    # Only what training determines: no run id, so a repeated run gives the same bytes (dvc.lock).
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.json", "adapter.safetensors"]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no temp left
     adapted = load_adapted_segmenter(out)
     base = build_segmenter(ModelConfig(backbone="vit_tiny", checkpoint=str(tiny["base"])), with_adapter=False)
     before, after = _eval_loss(base, tiny), _eval_loss(adapted, tiny)
     assert after < 0.99 * before, (before, after)
-    run = yaml.safe_load((out / "run.json").read_text())
-    assert run["run_id"] == cli_run["run_id"] and run["metrics"]["epoch"] == 3
+    assert f"mlflow run: {cli_run['run_id']} ({cli_run['tracking_uri']})" in cli_run["output"]
 
 
 def test_mlflow_run_holds_params_metrics_lineage_and_adapter(cli_run, tiny, mlflow_server):
@@ -247,6 +248,8 @@ def test_mlflow_run_holds_params_metrics_lineage_and_adapter(cli_run, tiny, mlfl
     client = MlflowClient(mlflow_server)
     run = client.get_run(cli_run["run_id"])
     assert run.info.status == "FINISHED"
+    # gara register finds the run by the weights it trained
+    assert run.data.tags[ADAPTER_WEIGHTS_TAG] == read_manifest(cli_run["out"]).weights_sha256
     p = run.data.params
     assert (p["model.backbone"], p["model.adapter.kind"], p["train.epochs"]) == ("vit_tiny", "gara", "3")
     assert float(p["train.lr"]) == 1e-3 and p["train.prompts.kinds"] == "['box', 'point']"

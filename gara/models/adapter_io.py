@@ -11,11 +11,9 @@ beaten it, through the very same loading path.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.torch import load_file, save_file
 
 from gara.fsutil import atomic_write, atomic_write_json
@@ -29,28 +27,14 @@ from gara.models.inject import (
     attach_adapter,
     parameter_report,
 )
+from gara.models.manifest import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    AdapterFormatError,
+    AdapterManifest,
+    read_manifest,
+)
 from gara.models.segmenter import Segmenter
-
-WEIGHTS_FILE = "adapter.safetensors"
-CONFIG_FILE = "adapter.json"
-FORMAT_VERSION = 1
-
-
-class AdapterFormatError(ValueError):
-    """An adapter folder is incomplete, inconsistent, or does not fit the model."""
-
-
-class AdapterManifest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    format_version: int = FORMAT_VERSION
-    adapter: AdapterConfig | None  # None: the frozen base, no adapter
-    backbone: str
-    base_checkpoint: str | None
-    base_checkpoint_sha256: str | None
-    weights_sha256: str
-    adapted_layers: list[str]
-    trainable_params: int
 
 
 def save_adapter(segmenter: Segmenter, directory: str | Path) -> Path:
@@ -87,16 +71,6 @@ def _save(segmenter: Segmenter, config: AdapterConfig | None, directory: Path) -
     )
     atomic_write_json(directory / CONFIG_FILE, manifest.model_dump(mode="json"))
     return directory
-
-
-def read_manifest(directory: str | Path) -> AdapterManifest:
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise AdapterFormatError(f"{path}: missing; an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
-    try:
-        return AdapterManifest.model_validate(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, ValidationError) as exc:
-        raise AdapterFormatError(f"{path}: not a valid adapter config: {exc}") from exc
 
 
 def load_adapter_weights(segmenter: Segmenter, directory: str | Path) -> None:

@@ -1,7 +1,10 @@
-"""``gara register``: an evaluated training run becomes a model version.
+"""``gara register``: an evaluated adapter becomes a model version.
 
-Inputs: the adapter folder ``gara train`` wrote (its ``run.json`` names the MLflow run) and
-the evaluation report that scored it (``metrics.json`` + ``report.md``). The run gets the
+Inputs: the adapter folder ``gara train`` wrote and the evaluation report that scored it
+(``metrics.json`` + ``report.md``). The training run is found in the store by the adapter's
+weights (``gara train`` tags its run with their sha256); a store that never saw the training (a
+new server, a deleted ``mlflow.db``) gets a run made from the folder instead, so registration
+depends on the folder and the report, never on the store's history. The run gets the
 report as artifacts (``evaluation/``) and the candidate's summary as metrics; a pyfunc
 model (:mod:`gara.registry.model`) is logged into the run and registered under
 ``registry.name`` with the run's lineage tags and the gate's inputs as version tags. The
@@ -18,7 +21,7 @@ names its base by a portable URI (``pkg://`` or ``s3://``, plus sha256; never a 
 logs an input example, and holds a ``model_card.md`` (:mod:`gara.registry.card`) that is also
 the version's description.
 
-Registering the same run, adapter and evaluation set again returns the existing version
+Registering the same adapter weights and evaluation set again returns the existing version
 (a retried flow task or a re-run stage does not pile up duplicates).
 
 :func:`register_frozen_base` registers the frozen base itself (an adapter-free version, with
@@ -42,9 +45,10 @@ from gara.fsutil import atomic_write_json
 from gara.models.adapter_io import CONFIG_FILE, WEIGHTS_FILE, read_manifest
 from gara.models.checkpoints import portable_uri
 from gara.registry.card import model_card
+from gara.registry.evidence import RegistrationError, read_report, summary_value
 from gara.registry.model import ADAPTER_ARTIFACT, CARD_ARTIFACT, CODE_BUNDLE, make_request, signature
 from gara.registry.store import CHALLENGER, client_for, registry_uri
-from gara.tracking import active_store, flatten_tree, redact_uri
+from gara.tracking import ADAPTER_WEIGHTS_TAG, active_store, ensure_experiment, flatten_tree
 
 REPORT_FILES = ("metrics.json", "report.md", "paired.csv", "records.csv")
 RECORDS_ARTIFACT = "evaluation/records.csv"  # per-instance scores the gate pairs
@@ -65,10 +69,6 @@ SERVING_REQUIREMENTS = (
 DESCRIPTION_LIMIT = 4500  # the registry's description column holds 5000 characters
 
 
-class RegistrationError(ValueError):
-    """The adapter, the report or the run do not fit together; the message says which."""
-
-
 @dataclass
 class RegisteredVersion:
     name: str
@@ -79,45 +79,30 @@ class RegisteredVersion:
     gate_score: float
     clear_score: float
     evaluation_set: str
-    created: bool  # False: this run + report was already registered
+    created: bool  # False: these weights on this evaluation set were already registered
 
 
-def summary_value(summary: dict[str, Any], path: str, where: str) -> float:
-    """``degrade.box.iou`` -> summary["degrade"]["box"]["iou"], refusing a missing value."""
-    node: Any = summary
-    for key in path.split("."):
-        if not isinstance(node, dict) or key not in node:
-            raise RegistrationError(f"{where}: no {path!r} in the summary")
-        node = node[key]
-    if not isinstance(node, int | float):
-        raise RegistrationError(f"{where}: {path} is {node!r}, not a number (was it evaluated?)")
-    return float(node)
-
-
-def read_report(report_dir: Path) -> dict[str, Any]:
-    path = report_dir / "metrics.json"
-    if not path.is_file():
-        raise RegistrationError(
-            f"{path}: missing; run gara evaluate first (register takes evaluated runs only)")
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RegistrationError(f"{path}: not valid JSON: {exc}") from None
-    for key in ("models", "primary", "evaluation_set"):
-        if key not in metrics:
-            raise RegistrationError(f"{path}: no {key!r}; re-run gara evaluate with this version of gara")
-    return metrics
-
-
-def read_run_id(adapter_dir: Path) -> str:
-    path = adapter_dir / "run.json"
-    if not path.is_file():
-        raise RegistrationError(
-            f"{path}: missing; register takes adapters written by gara train (run.json names the MLflow run)")
-    run_id = json.loads(path.read_text(encoding="utf-8")).get("run_id")
-    if not run_id:
-        raise RegistrationError(f"{path}: no run_id")
-    return str(run_id)
+def training_run(client, params: Params, adapter_dir: Path, manifest):
+    """The MLflow run that trained these weights: the newest finished run in the experiment
+    tagged with their sha256. A store without one gets a run made now from the folder (lineage
+    from the manifest, the adapter as its ``adapter/`` artifacts)."""
+    experiment_id = ensure_experiment(client, params.train.mlflow.experiment, registry_uri(params))
+    sha = manifest.weights_sha256
+    wanted = f"tags.`{ADAPTER_WEIGHTS_TAG}` = '{sha}' and attributes.status = 'FINISHED'"
+    runs = client.search_runs([experiment_id], filter_string=wanted,
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if runs:
+        return runs[0]
+    kind = manifest.adapter.kind if manifest.adapter else NO_ADAPTER
+    tags = {"adapter_kind": kind, "backbone": manifest.backbone,
+            "base_checkpoint_sha256": manifest.base_checkpoint_sha256 or "",
+            ADAPTER_WEIGHTS_TAG: sha, "mlflow.runName": f"register-{kind}",
+            "gara.training_run": "not in this store: registered from the adapter folder"}
+    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    client.log_artifact(run_id, str(adapter_dir / WEIGHTS_FILE), "adapter")
+    client.log_artifact(run_id, str(adapter_dir / CONFIG_FILE), "adapter")
+    client.set_terminated(run_id, "FINISHED")
+    return client.get_run(run_id)
 
 
 def version_tags(
@@ -137,7 +122,7 @@ def version_tags(
         "gara.gate_score": f"{summary_value(summary, gate.metric, where):.4f}",
         "gara.clear_metric": gate.clear_metric,
         "gara.clear_score": f"{summary_value(summary, gate.clear_metric, where):.4f}",
-        "gara.adapter_weights_sha256": weights_sha,
+        ADAPTER_WEIGHTS_TAG: weights_sha,
     })
     base = metrics["models"].get(params.registry.base_row)
     if base is not None:
@@ -153,15 +138,16 @@ def _flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
     return {name: float(value) for name, value in flat.items() if isinstance(value, int | float)}
 
 
-def _existing(client, name: str, run_id: str, weights_sha: str, evaluation_set: str):
+def _existing(client, name: str, weights_sha: str, evaluation_set: str):
+    """The version already registered from these weights on this evaluation set, if any."""
     from mlflow.exceptions import MlflowException
 
     try:
-        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException:
         return None
     for v in versions:
-        if (v.tags.get("gara.adapter_weights_sha256") == weights_sha
+        if (v.tags.get(ADAPTER_WEIGHTS_TAG) == weights_sha
                 and v.tags.get("gara.evaluation_set") == evaluation_set):
             return v
     return None
@@ -175,11 +161,8 @@ def register(
     out: str | Path | None = None,
 ) -> RegisteredVersion:
     """Register the adapter in ``adapter_dir`` as a version of ``registry.name``; see the module docstring."""
-    from mlflow.exceptions import MlflowException
-
     adapter_dir, report_dir = Path(adapter_dir), Path(report_dir)
     manifest = read_manifest(adapter_dir)
-    run_id = read_run_id(adapter_dir)
     metrics = read_report(report_dir)
     candidate = candidate or params.registry.candidate or metrics["primary"]
     rows = metrics["models"]
@@ -199,15 +182,11 @@ def register(
     base_uri = registered_base_uri(manifest, params, adapter_dir / CONFIG_FILE)  # refused before any write
     uri = registry_uri(params)
     client = client_for(uri)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as exc:
-        raise RegistrationError(
-            f"{adapter_dir / 'run.json'}: run {run_id} is not in {redact_uri(uri)} ({exc.message}); "
-            "set MLFLOW_TRACKING_URI to the store gara train used") from None
+    run = training_run(client, params, adapter_dir, manifest)
+    run_id = run.info.run_id
     name = params.registry.name
     tags = version_tags(run.data.tags, metrics, candidate, params, manifest.weights_sha256, base_uri)
-    existing = _existing(client, name, run_id, manifest.weights_sha256, tags["gara.evaluation_set"])
+    existing = _existing(client, name, manifest.weights_sha256, tags["gara.evaluation_set"])
     if existing is not None:
         version = existing.version
         created = False
@@ -220,7 +199,7 @@ def register(
             client.log_metric(run_id, key, value)
         card = model_card(manifest, base_uri, tags, metrics, candidate, params.registry.base_row, name)
         model_uri, model_id = _log_pyfunc(uri, run_id, adapter_dir, manifest, base_uri, card)
-        version = _create_version(client, name, model_uri, model_id, run_id, tags, card)
+        version = _create_version(uri, client, name, model_uri, model_id, run_id, tags, card)
         created = True
     client.set_registered_model_alias(name, CHALLENGER, version)
     result = _registered(name, version, run_id, tags, created)
@@ -282,7 +261,7 @@ def register_frozen_base(params: Params, records: Any, evaluation_set: str, data
             client.set_terminated(run_id, "FAILED")
             raise
         client.set_terminated(run_id, "FINISHED")
-    version = _create_version(client, name, model_uri, model_id, run_id, tags, card)
+    version = _create_version(uri, client, name, model_uri, model_id, run_id, tags, card)
     return _registered(name, version, run_id, tags, created=True)
 
 
@@ -351,7 +330,7 @@ def input_example():
 def _log_pyfunc(uri: str, run_id: str, adapter_dir: Path, manifest, base_uri: str, card: str
                 ) -> tuple[str, str]:
     """Log the pyfunc into the training run; returns its (models:/ URI, model id). Only the two adapter
-    files travel (not run.json), with the base named by ``base_uri``: the version weighs what the
+    files travel, with the base named by ``base_uri``: the version weighs what the
     adapter and the code weigh."""
     import mlflow
 
@@ -400,13 +379,16 @@ def _ensure_registered_model(client, name: str) -> None:
             client.get_registered_model(name)  # created concurrently: fine
 
 
-def _create_version(client, name, model_uri, model_id, run_id, tags, card: str) -> str:
+def _create_version(uri: str, client, name, model_uri, model_id, run_id, tags, card: str) -> str:
     _ensure_registered_model(client, name)
     report = f"Evaluation report: runs:/{run_id}/evaluation/report.md"
     description = f"{card}\n{report}\n"
     if len(description) > DESCRIPTION_LIMIT:  # the whole card stays in the version's model_card.md
         description = (f"{card[:DESCRIPTION_LIMIT - 200]}\n\n(truncated: the whole card is the "
                        f"model's artifacts/model_card.md)\n{report}\n")
-    mv = client.create_model_version(
-        name, source=model_uri, run_id=run_id, tags=tags, description=description, model_id=model_id)
+    # A SQLite registry resolves the models:/ source through MLflow's global tracking URI, not
+    # this client's: point it at the same store.
+    with active_store(uri):
+        mv = client.create_model_version(
+            name, source=model_uri, run_id=run_id, tags=tags, description=description, model_id=model_id)
     return str(mv.version)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from gara.config import Params
 from gara.models.checkpoints import cache_dir
-from gara.tracking import SQLITE_PREFIX, resolve_tracking_uri
+from gara.tracking import SQLITE_PREFIX, require_reachable, resolve_tracking_uri
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -29,8 +29,10 @@ def registry_uri(params: Params) -> str:
 
 
 def client_for(uri: str):
+    """A client of ``uri``'s store; an unreachable server fails here, in seconds."""
     from mlflow import MlflowClient
 
+    require_reachable(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

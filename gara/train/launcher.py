@@ -10,8 +10,12 @@
      set, and runs a ``TorchTrainer`` with a unique run name (a reused name would silently
      restore old checkpoints);
   4. copies the latest checkpoint's adapter to ``train.out`` (built in a sibling temp folder,
-     swapped in only when complete), logs it as the run's ``adapter/`` artifacts, writes
-     ``run.json`` and ends the run FINISHED (FAILED if anything raised; the error propagates).
+     swapped in only when complete), logs it as the run's ``adapter/`` artifacts, tags the run
+     with the weights' sha256 (how ``gara register`` finds it) and ends the run FINISHED
+     (FAILED if anything raised; the error propagates).
+
+``train.out`` holds only the adapter (weights + manifest): the same training gives the same
+bytes, so DVC's lock does not change when a run is repeated; the run id is in MLflow and printed.
 """
 
 from __future__ import annotations
@@ -26,14 +30,19 @@ from typing import Any
 
 from gara.config import Params
 from gara.data.coco import DatasetFormatError, annotations_path
-from gara.fsutil import atomic_write_json
 from gara.models.backbones import get_backbone_spec
 from gara.models.checkpoints import CheckpointError, resolve_checkpoint
-from gara.tracking import flatten_tree, redact_uri, resolve_tracking_uri
+from gara.models.manifest import read_manifest
+from gara.tracking import (
+    ADAPTER_WEIGHTS_TAG,
+    ensure_experiment,
+    flatten_tree,
+    redact_uri,
+    require_reachable,
+    resolve_tracking_uri,
+)
 from gara.train.lineage import corruption_set, dvc_data_hash, git_commit, project_root
 from gara.train.loop import ADAPTER_DIR, train_loop_per_worker
-
-RUN_FILE = "run.json"
 
 
 @dataclass
@@ -41,6 +50,7 @@ class TrainResult:
     adapter_dir: Path
     run_id: str
     metrics: dict[str, Any]
+    tracking_uri: str  # the store the run is in (MLFLOW_TRACKING_URI wins over params)
 
 
 def _is_url(value: str) -> bool:
@@ -66,7 +76,7 @@ def resolve_paths(params: Params, base: Path | None = None) -> Params:
 def run_params(params: Params) -> dict[str, str]:
     sections = {"model": params.model.model_dump(mode="json"), "train": params.train.model_dump(mode="json")}
     flat = {key: str(value) for key, value in flatten_tree(sections).items()}
-    flat.pop("train.mlflow.tracking_uri", None)  # may carry credentials; it is in run.json, redacted
+    flat.pop("train.mlflow.tracking_uri", None)  # may carry credentials
     return flat
 
 
@@ -108,15 +118,9 @@ def _create_run(params: Params, tags: dict[str, str], run_name: str):
     from mlflow.entities import Param
 
     cfg = params.train.mlflow
+    require_reachable(cfg.tracking_uri)  # before a cluster starts: seconds, not minutes of retries
     client = MlflowClient(cfg.tracking_uri)
-    experiment = client.get_experiment_by_name(cfg.experiment)
-    if experiment is not None:
-        experiment_id = experiment.experiment_id
-    else:
-        location = None
-        if cfg.tracking_uri.startswith("sqlite:///"):  # artifacts beside the DB, not in the cwd
-            location = (Path(cfg.tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-        experiment_id = client.create_experiment(cfg.experiment, artifact_location=location)
+    experiment_id = ensure_experiment(client, cfg.experiment, cfg.tracking_uri)
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     items = [Param(k, v) for k, v in sorted(run_params(params).items())]
     for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
@@ -147,8 +151,8 @@ def _start_ray(params: Params) -> bool:
     return True
 
 
-def _swap_in(src: Path, out: Path, run_info: dict[str, Any]) -> None:
-    """Copy ``src`` + run.json into a sibling temp folder, then swap it in for ``out``.
+def _swap_in(src: Path, out: Path) -> None:
+    """Copy ``src`` into a sibling temp folder, then swap it in for ``out``.
 
     ``out`` never holds a half-written adapter: it is the old one or the new one (between
     the two renames it briefly does not exist).
@@ -159,7 +163,6 @@ def _swap_in(src: Path, out: Path, run_info: dict[str, Any]) -> None:
     old = out.parent / f".{out.name}.old-{tag}"
     try:
         shutil.copytree(src, tmp)
-        atomic_write_json(tmp / RUN_FILE, run_info)
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
@@ -198,18 +201,11 @@ def train(params: Params, extra_loop_config: dict[str, Any] | None = None) -> Tr
             raise RuntimeError(f"Ray run {run_name} finished without a checkpoint")
         metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float | str)}
         out = Path(train_cfg.out)
-        run_info = {
-            "run_id": run_id,
-            "tracking_uri": redact_uri(tracking_uri),
-            "experiment": train_cfg.mlflow.experiment,
-            "ray_run_name": run_name,
-            "checkpoint": result.checkpoint.path,
-            "metrics": metrics,
-        }
         with result.checkpoint.as_directory() as directory:
             adapter = Path(directory) / ADAPTER_DIR
             client.log_artifacts(run_id, str(adapter), "adapter")
-            _swap_in(adapter, out, run_info)
+            _swap_in(adapter, out)
+        client.set_tag(run_id, ADAPTER_WEIGHTS_TAG, read_manifest(out).weights_sha256)
     except BaseException as exc:
         client.set_terminated(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
         raise
@@ -219,7 +215,7 @@ def train(params: Params, extra_loop_config: dict[str, Any] | None = None) -> Tr
 
             ray.shutdown()
     client.set_terminated(run_id, "FINISHED")
-    return TrainResult(out, run_id, metrics)
+    return TrainResult(out, run_id, metrics, tracking_uri)
 
 
 def _fit(params: Params, run_name: str, tracking_uri: str, run_id: str, extra: dict[str, Any]):

@@ -7,7 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gara.models.adapters.projections import QKV
+# The fused attention projection's parts, in the order they sit in its output (light: no torch,
+# so loading params stays fast).
+QKV = ("q", "k", "v")
 
 AdapterKind = Literal["lora", "gara", "adaptformer"]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-QKV = ("q", "k", "v")
+from gara.models.adapters.config import QKV
 
 
 @dataclass(frozen=True)
