@@ -1,12 +1,13 @@
 """End to end on the embedded default, as a user runs it: ``dvc repro`` in a fresh clone pulls
-nothing but the in-repo sample, corrupts it, trains GaRA and LoRA on LiteMedSAM with Ray Train
-(2 CPU workers), evaluates both and the frozen base on the same images and prompts, and
-publishes: the gate decides on the paired interval. A second ``dvc repro`` does nothing (the
+nothing but the in-repo sample, corrupts it, trains GaRA and LoRA on LiteMedSAM with Ray Train,
+evaluates both and the frozen base on the same images and prompts, and publishes: the gate
+decides on the paired interval. A second ``dvc repro`` does nothing (the
 publish stage finds the store in step); with ``mlflow.db`` deleted, the next one publishes
 into the new store. A teammate then pulls the champion with no configuration.
 
-The clone's params.yaml is cut to 3 training steps and 12 evaluation photos (a user's edit,
-tracked by DVC like any other): the pipeline's contract, not its numbers, is under test here.
+The clone's params.yaml is cut to 2 training steps on one Ray worker and 6 evaluation photos
+(a user's edit, tracked by DVC like any other): the pipeline's contract, not its numbers, is
+under test here (2-worker DDP with a killed worker: tests/test_train.py).
 Whether GaRA beats the base is a research result with a spread: ``bench/bench_seeds.py``.
 """
 
@@ -60,7 +61,8 @@ def test_pipeline_trains_evaluates_publishes_is_a_no_op_again_and_republishes_in
     dvc = [sys.executable, "-m", "dvc"]
     _run([*dvc, "pull", "data.dvc"], clone, env)  # the in-repo store: no credentials, no network
     params = yaml.safe_load((clone / "params.yaml").read_text())
-    params["train"]["max_steps_per_epoch"], params["evaluate"]["max_images"] = 3, 12
+    params["train"].update(max_steps_per_epoch=2, val_max_images=2, num_workers=1)
+    params["evaluate"]["max_images"] = 6
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     first = _run([*dvc, "repro"], clone, env)
@@ -70,13 +72,13 @@ def test_pipeline_trains_evaluates_publishes_is_a_no_op_again_and_republishes_in
     assert sorted(p.name for p in adapter.iterdir()) == ["adapter.json", "adapter.safetensors"]
     metrics = json.loads((clone / "reports" / "eval" / "metrics.json").read_text())
     gara = metrics["models"]["gara"]
-    assert metrics["primary"] == "gara" and metrics["images"]["source_images"] == 12
+    assert metrics["primary"] == "gara" and metrics["images"]["source_images"] == 6
     gain = gara["paired"]["base"]["degrade"]["box"]["iou"]
     clear = gara["paired"]["base"]["clear"]["box"]["iou"]
     for name, cell in (("degrade", gain), ("clear", clear)):
         print(f"gara - base, box IoU {name}: {cell['delta']:+.2f} "
               f"[{cell['ci_low']:+.2f}, {cell['ci_high']:+.2f}] over {cell['n_sources']} sources")
-        assert cell["ci_low"] <= cell["delta"] <= cell["ci_high"] and cell["n_sources"] == 12
+        assert cell["ci_low"] <= cell["delta"] <= cell["ci_high"] and cell["n_sources"] == 6
 
     record = json.loads((clone / "reports" / "registry" / "publish.json").read_text())
     gate = load_params(clone / "params.yaml").registry.gate  # degrade.box.iou / clear.box.iou
