@@ -17,6 +17,7 @@ import ast
 import functools
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -292,3 +293,36 @@ def test_the_analysis_itself():
     assert dep_paths("pipelines/comparison/dvc.yaml", {"wdir": "../..", "deps": ["gara/x"]}) == ["gara/x"]
     assert covered("gara/models/adapters/lora.py", ["gara/models"])
     assert not covered("gara/modelsx.py", ["gara/models"])
+
+
+def _out_paths(stage_file: str, stage: dict) -> list[str]:
+    wdir = (ROOT / stage_file).parent / stage.get("wdir", ".")
+    outs = [o if isinstance(o, str) else next(iter(o)) for key in ("outs", "metrics", "plots")
+            for o in stage.get(key) or []]
+    return [os.path.relpath(wdir / o, ROOT) for o in outs]
+
+
+def _dvc_tracked() -> list[str]:
+    """Folders tracked by the .dvc files at the repository root (data.dvc -> data)."""
+    tracked = []
+    for dvc_file in ROOT.glob("?*.dvc"):  # not the .dvc folder
+        tracked += [o["path"] for o in yaml.safe_load(dvc_file.read_text(encoding="utf-8")).get("outs", [])]
+    return tracked
+
+
+def _in_git(path: str) -> bool:
+    """Source: a file or folder git tracks (generated data never is)."""
+    listed = subprocess.run(["git", "ls-files", "--", path], cwd=ROOT, capture_output=True, text=True)
+    return bool(listed.stdout.strip())
+
+
+@pytest.mark.parametrize("stage_file", STAGE_FILES)
+def test_every_dep_is_source_data_or_another_stages_output(stage_file: str):
+    # A dep that no stage writes (a stage that lost its outs) leaves DVC without the edge:
+    # `dvc repro` skips the producer in a fresh clone and its consumer fails on a missing folder.
+    produced = [p for f in STAGE_FILES for s in expand_stages(f).values() for p in _out_paths(f, s)]
+    known = produced + _dvc_tracked()
+    orphans = {f"{name}: {dep}" for name, stage in expand_stages(stage_file).items()
+               for dep in dep_paths(stage_file, stage)
+               if not covered(dep, known) and not _in_git(dep)}
+    assert not orphans, f"deps that no stage produces and nothing tracks: {sorted(orphans)}"

@@ -118,7 +118,6 @@ def _create_run(params: Params, tags: dict[str, str], run_name: str):
     from mlflow.entities import Param
 
     cfg = params.train.mlflow
-    require_reachable(cfg.tracking_uri)  # before a cluster starts: seconds, not minutes of retries
     client = MlflowClient(cfg.tracking_uri)
     experiment_id = ensure_experiment(client, cfg.experiment, cfg.tracking_uri)
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
@@ -186,6 +185,9 @@ def train(params: Params, extra_loop_config: dict[str, Any] | None = None) -> Tr
     """
     root = project_root()
     params = resolve_paths(params)
+    # Preflight, before a run or a cluster exists: the server (seconds, not minutes of MLflow's
+    # retries), then the data.
+    require_reachable(params.train.mlflow.tracking_uri)
     check_data(params)
     train_cfg = params.train
     run_name = f"gara-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
