@@ -62,8 +62,8 @@ def ray_scaling(backbones: list[str], workers: list[int], steps: int, batch: int
     from gara.train.launcher import train
 
     rows = []
-    ray.init(num_cpus=max(2, *workers), include_dashboard=False, object_store_memory=128 * 2**20,
-             _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=max(2, *workers), include_dashboard=False,
+             object_store_memory=128 * 2**20, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
             tmp_path = Path(tmp)

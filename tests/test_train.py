@@ -185,7 +185,7 @@ def ray_cluster():
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=100 * 1024 * 1024, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, object_store_memory=100 * 1024 * 1024, include_dashboard=False,
              _node_ip_address="127.0.0.1")
     try:
         yield ray

@@ -141,7 +141,11 @@ def _start_ray(params: Params) -> bool:
     if address:
         ray.init(address=address)
     else:
+        # "local": a cluster of our own. Without it Ray joins any Ray it finds running on this
+        # machine (another user's `ray start`, a concurrent test worker's cluster) and refuses
+        # our resource arguments, or we shut down a cluster that is not ours.
         ray.init(
+            address="local",
             num_cpus=max(2, train.num_workers),
             include_dashboard=False,
             object_store_memory=train.object_store_mb * 1024 * 1024,
