@@ -14,6 +14,9 @@ SQLITE_PREFIX = "sqlite:///"
 # The sha256 of an adapter's weights, on the run that trained them and on every version made
 # from them: how a folder finds its run and its version in any store.
 ADAPTER_WEIGHTS_TAG = "gara.adapter_weights_sha256"
+# The registry's aliases: the version serving pulls, and the newest version awaiting the gate.
+CHAMPION = "champion"
+CHALLENGER = "challenger"
 # An MLflow server must answer within this: MLflow's client retries a refused connection for
 # minutes (then prints chained tracebacks) before anything is logged.
 REACHABLE_TIMEOUT_S = 5.0

@@ -539,3 +539,12 @@ def test_publish_does_nothing_in_step_and_publishes_again_into_a_store_that_lack
         assert again.in_step and again.version == first.version
         assert len(client.search_model_versions("name = 'pub'")) == count  # nothing written
         assert json.loads(record.read_text())["store"] == store
+
+    # A record that is not one (hand-edited, or written by an older release) proves nothing:
+    # publish runs in full, finds its version again and rewrites the record.
+    partial = json.loads(record.read_text())
+    del partial["version"]
+    record.write_text(json.dumps(partial))
+    rewritten = publish(params, adapter, report, record)
+    assert not rewritten.in_step and rewritten.version == first.version
+    assert json.loads(record.read_text())["version"] == first.version

@@ -27,7 +27,7 @@ import os
 import sqlite3
 import urllib.parse
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,9 @@ from gara.config import Params
 from gara.fsutil import atomic_write_json
 from gara.models.manifest import read_manifest
 from gara.registry.evidence import read_report
-from gara.tracking import ADAPTER_WEIGHTS_TAG, SQLITE_PREFIX, redact_uri, resolve_tracking_uri
+from gara.tracking import ADAPTER_WEIGHTS_TAG, CHAMPION, SQLITE_PREFIX, redact_uri, resolve_tracking_uri
 
 DEFAULT_RECORD = Path("reports/registry/publish.json")  # as dvc.yaml's publish stage writes it
-CHAMPION = "champion"  # as gara.registry.store.CHAMPION (that module imports MLflow's client)
 PROBE_TIMEOUT_S = 5.0
 
 
@@ -56,11 +55,11 @@ class Published:
     in_step: bool  # True: nothing was written, the store already held this outcome
 
 
-def _inputs(params: Params, adapter_dir: Path, report_dir: Path) -> dict[str, str]:
+def _inputs(params: Params, uri: str, adapter_dir: Path, report_dir: Path) -> dict[str, str]:
     """What a publish is of: the store, the model name, the weights and the evaluation set."""
     metrics = read_report(report_dir)
     return {
-        "store": redact_uri(resolve_tracking_uri(params.train.mlflow.tracking_uri)),
+        "store": redact_uri(uri),
         "name": params.registry.name,
         "weights_sha256": read_manifest(adapter_dir).weights_sha256,
         "evaluation_set": str(metrics["evaluation_set"]),
@@ -69,11 +68,14 @@ def _inputs(params: Params, adapter_dir: Path, report_dir: Path) -> dict[str, st
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
+    """The last publish's record, or None when there is none or it is not one (an edited or
+    older file): then publishing runs in full and rewrites it."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return record if isinstance(record, dict) else None
+    recorded = {f.name for f in fields(Published)} - {"in_step"}
+    return record if isinstance(record, dict) and set(record) == recorded else None
 
 
 def _sqlite_holds(db: Path, name: str, version: str, sha: str) -> bool:
@@ -131,9 +133,9 @@ def publish(params: Params, adapter_dir: str | Path, report_dir: str | Path, rec
     """Register + promote the adapter in ``adapter_dir`` scored by ``report_dir`` unless the store
     is in step with ``record``; the record is rewritten after a full publish."""
     adapter_dir, report_dir, record = Path(adapter_dir), Path(report_dir), Path(record)
-    inputs = _inputs(params, adapter_dir, report_dir)
     uri = resolve_tracking_uri(params.train.mlflow.tracking_uri)
     assert uri is not None  # the params default is never empty
+    inputs = _inputs(params, uri, adapter_dir, report_dir)
     previous = _read_record(record)
     if (previous is not None and all(previous.get(k) == v for k, v in inputs.items())
             and store_holds(uri, inputs["name"], str(previous.get("version")), inputs["weights_sha256"])):

@@ -16,10 +16,9 @@ from pathlib import Path
 
 from gara.config import Params
 from gara.models.checkpoints import cache_dir
-from gara.tracking import SQLITE_PREFIX, require_reachable, resolve_tracking_uri
+from gara.tracking import CHALLENGER, CHAMPION, SQLITE_PREFIX, require_reachable, resolve_tracking_uri
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
+__all__ = ["CHALLENGER", "CHAMPION", "client_for", "lock_path", "promotion_lock", "registry_uri"]
 
 
 def registry_uri(params: Params) -> str:
