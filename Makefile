@@ -37,9 +37,13 @@ run: env
 	$(BIN)/dvc status dvc.yaml data.dvc
 
 # The sample data (in-repo DVC store, no network) lets the tests check the committed dataset.
+# Whole modules per worker, one worker per core (at most 4: each holds its own servers):
+# most of the suite waits on servers and subprocesses, so two cores finish it in about half
+# the time. TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= auto
 test: env
 	$(BIN)/dvc pull -q data.dvc
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 
 bench: env
 	$(BIN)/python bench/bench_adapters.py
