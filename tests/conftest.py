@@ -23,8 +23,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
 
 
-# The longest modules, longest first (``--durations`` on a fresh clone: flows ~8 min, the
-# end-to-end run ~7, Ray training ~6). `make test` deals whole modules to its workers in
+# The longest modules, longest first (``--durations``, one process, fresh clone of 413daaa:
+# flows ~8 min, the end-to-end run ~7, Ray training ~4). `make test` deals whole modules to its workers in
 # collection order (xdist --dist loadfile); starting these first keeps one worker from being
 # left with a long module at the end.
 LONGEST_MODULES = ("test_flows.py", "test_pipeline_e2e.py", "test_train.py", "test_registry.py",
