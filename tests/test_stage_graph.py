@@ -310,10 +310,16 @@ def _dvc_tracked() -> list[str]:
     return tracked
 
 
+@functools.cache
+def _git_files() -> tuple[str, ...]:
+    """Every file git tracks (source; generated data never is), listed once."""
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    return tuple(listed.stdout.splitlines())
+
+
 def _in_git(path: str) -> bool:
-    """Source: a file or folder git tracks (generated data never is)."""
-    listed = subprocess.run(["git", "ls-files", "--", path], cwd=ROOT, capture_output=True, text=True)
-    return bool(listed.stdout.strip())
+    """A file git tracks, or a folder holding one."""
+    return any(covered(tracked, [path]) for tracked in _git_files())
 
 
 @pytest.mark.parametrize("stage_file", STAGE_FILES)
