@@ -9,8 +9,8 @@ of system time, bit-for-bit the same output (``bench/bench_allocator.py`` prints
 
 :func:`keep_freed_memory` raises the mmap threshold and the trim threshold to 1 GiB, so
 freed blocks are reused. The cost: the process keeps its peak heap instead of shrinking
-after it. Entry points that run models call it (the CLI, each Ray training worker, the
-registry's pyfunc model); it is a no-op where malloc is not glibc's (macOS, musl).
+after it. Entry points that run models call it (the CLI, each Ray training worker and
+evaluation actor, the registry's pyfunc model); it is a no-op where malloc is not glibc's (macOS, musl).
 """
 
 from __future__ import annotations

@@ -172,8 +172,10 @@ def _severities(text: str | None) -> list[int] | None:
 
 @app.command("corrupt")
 def corrupt(
-    data: Path = typer.Option(..., "--data", help="Dataset folder: annotations.json + images."),
-    out: Path = typer.Option(..., "--out", help="Output dataset folder (PNG images + COCO)."),
+    data: str = typer.Option(..., "--data", help="Dataset: a folder (or s3://BUCKET/PREFIX) with "
+                             "annotations.json + images."),
+    out: str = typer.Option(..., "--out", help="Output dataset, a folder or s3://BUCKET/PREFIX (PNG "
+                            "images + COCO)."),
     types: str | None = typer.Option(None, help="Comma-separated types (corrupt.types; default: all 17)."),
     severities: str | None = typer.Option(None, help="Comma-separated, e.g. 1,3,5 (corrupt.severities; "
                                           "default 1..5)."),
@@ -186,19 +188,25 @@ def corrupt(
         "appears equally often over the images (for evaluation sets)."
     ),
     workers: int | None = typer.Option(None, min=1, help="Processes; default: all cores."),
+    ray_workers: int | None = typer.Option(
+        None, min=0, help="Ray actors instead of processes (corrupt.ray_workers; 0: processes). "
+        "Cluster: train.ray_address, else RAY_ADDRESS, else a local Ray."),
     params: Path | None = _params_option(),
     set_: list[str] = _set_option(),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Write every (image, type, severity) of a dataset as a new dataset folder."""
+    """Write every (image, type, severity) of a dataset as a new dataset (folder or s3://BUCKET/PREFIX)."""
+    from gara.cluster import RayWorkers
     from gara.data.corrupt import corrupt_dataset
 
-    section = _load(params, set_, {"corrupt.types": _split_list(types) if types else None,
-                                   "corrupt.severities": _severities(severities),
-                                   "corrupt.seed": seed}).corrupt
+    loaded = _load(params, set_, {"corrupt.types": _split_list(types) if types else None,
+                                  "corrupt.severities": _severities(severities),
+                                  "corrupt.seed": seed, "corrupt.ray_workers": ray_workers})
+    section = loaded.corrupt
     summary = corrupt_dataset(
         data, out, types=section.types, severities=section.severities, seed=section.seed,
         variants_per_image=variants_per_image, workers=workers, progress=progress, balanced=balanced,
+        ray_workers=RayWorkers(section.ray_workers, loaded.train.ray_address, loaded.train.object_store_mb),
     )
     typer.echo(
         f"{summary.out}: {summary.images} images ({summary.source_images} sources), "
@@ -240,6 +248,9 @@ def evaluate(
     max_images: int | None = typer.Option(None, min=1, help="Source images (each with its variants)."),
     types: str | None = typer.Option(None, help="Comma-separated corruption types (default: all)."),
     severities: str | None = typer.Option(None, help="Comma-separated, e.g. 1,3,5 (default: all)."),
+    ray_workers: int | None = typer.Option(
+        None, min=0, help="Ray actors scoring shards of the images (evaluate.ray_workers; 0: this "
+        "process). Cluster: train.ray_address, else RAY_ADDRESS, else a local Ray."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """IoU / Dice per corruption x severity x prompt kind; metrics.json, report.md, plots."""
@@ -248,7 +259,7 @@ def evaluate(
     loaded = _load(params, set_, {
         "evaluate.data": data, "evaluate.out": out, "evaluate.max_images": max_images,
         "evaluate.types": _split_list(types) if types else None,
-        "evaluate.severities": _severities(severities)})
+        "evaluate.severities": _severities(severities), "evaluate.ray_workers": ray_workers})
     metrics, result = evaluate_to_report(loaded, model, progress=progress)
     images, seconds = len(result.images), result.seconds
     typer.echo(format_summary(metrics))

@@ -50,6 +50,9 @@ class CorruptConfig(BaseModel):
     # Evaluation split: N per image dealt out so every type appears equally often (balanced);
     # None = the full grid.
     val_variants_per_image: int | None = Field(3, ge=1)
+    # Ray actors that corrupt the images (the cluster: train.ray_address, RAY_ADDRESS, else a
+    # local one); 0 = a process pool on this machine. Same bytes either way.
+    ray_workers: int = Field(0, ge=0)
 
 
 class PromptConfig(BaseModel):
@@ -127,14 +130,16 @@ class TrainConfig(BaseModel):
     # Autocast where the hardware runs it natively: GPUs, and bf16 on CPUs with AVX512-BF16/AMX
     # (gara/precision.py); float32 elsewhere.
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
-    ray_address: str | None = None  # None: start a local Ray on 127.0.0.1
+    # The Ray cluster of every command that uses Ray (gara/cluster.py); None: RAY_ADDRESS, else a
+    # local Ray on 127.0.0.1.
+    ray_address: str | None = None
     storage_path: str = "artifacts/ray"  # local folder or s3:// URL for checkpoints
     max_failures: int = Field(2, ge=0)
     on_error: Literal["fail", "skip"] = "fail"  # bad samples: refuse the dataset, or skip + log
     log_every_n_steps: int = Field(1, ge=1)  # per-step metrics (MLflow) and console progress
     checkpoints_to_keep: int = Field(2, ge=1)  # Ray keeps the latest N epoch checkpoints
     loader_workers: int = Field(0, ge=0)  # DataLoader processes per Ray worker (0: in-process)
-    object_store_mb: int = Field(256, ge=64)  # object store of a local Ray cluster we start
+    object_store_mb: int = Field(256, ge=75)  # object store of a local Ray we start (Ray: >= 75)
     wesam: WeSAMConfig = Field(default_factory=WeSAMConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
@@ -165,6 +170,10 @@ class EvaluateConfig(BaseModel):
     # As train.mixed_precision: bf16 autocast where native (halves LiteMedSAM's CPU time).
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     batch_size: int = Field(4, ge=1)  # images per encoder forward (every model shares the batch)
+    # Ray actors that score shards of the images (the cluster as for corrupt.ray_workers); 0 = in
+    # this process. Same records either way.
+    ray_workers: int = Field(0, ge=0)
+    use_gpu: bool = False  # models on a GPU (one per Ray actor)
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
 
 

@@ -143,8 +143,9 @@ def retrain(workdir: str = ".", data_rev: str | None = None, ray_address: str | 
     """Pull the DVC data revision, then bring every dvc.yaml stage up to date, publish included.
 
     workdir: the project checkout to run in. data_rev: git revision of data.dvc (None: as
-    checked out). ray_address: an existing Ray cluster for the train stages (None: RAY_ADDRESS,
-    else a local Ray per stage).
+    checked out). ray_address: an existing Ray cluster for the stages that use Ray (train; corrupt
+    and evaluate when params.yaml sets their ray_workers) (None: RAY_ADDRESS, else a local Ray per
+    stage).
     """
     from gara.config import load_params
 

@@ -189,7 +189,7 @@ def env_names_read_by_code() -> set[str]:
 
 def test_the_contract_lists_every_variable_the_code_reads() -> None:
     read = env_names_read_by_code()  # source only: importing gara.models would load torch
-    # gara/models/checkpoints.py: CACHE_ENV, S3_ENDPOINT_ENV; gara/tracking.py
+    # gara/models/checkpoints.py: CACHE_ENV; gara/data/storage.py: S3_ENDPOINT_ENV; gara/tracking.py
     assert {"MLFLOW_TRACKING_URI", "GARA_CACHE_DIR", "GARA_S3_ENDPOINT_URL"} <= read
     assert read <= ENV_NAMES, f"add to infra/contract.yaml env: {sorted(read - ENV_NAMES)}"
 

@@ -32,15 +32,20 @@ def read_coco(root: str | Path) -> dict[str, Any]:
     path = annotations_path(root)
     if not path.is_file():
         raise DatasetFormatError(f"{path}: missing; a dataset folder needs {ANNOTATIONS_FILE}")
+    return parse_coco(path.read_bytes(), str(path))
+
+
+def parse_coco(raw: bytes, where: str) -> dict[str, Any]:
+    """The annotation file's bytes -> its dict, top-level shape checked; ``where`` names it."""
     try:
-        coco = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DatasetFormatError(f"{path}: not valid JSON ({exc})") from exc
+        coco = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetFormatError(f"{where}: not valid JSON ({exc})") from exc
     if not isinstance(coco, dict):
-        raise DatasetFormatError(f"{path}: top level must be an object, got {type(coco).__name__}")
+        raise DatasetFormatError(f"{where}: top level must be an object, got {type(coco).__name__}")
     for key in ("images", "annotations"):
         if not isinstance(coco.get(key), list):
-            raise DatasetFormatError(f"{path}: key '{key}' must be a list")
+            raise DatasetFormatError(f"{where}: key '{key}' must be a list")
     coco.setdefault("categories", [])
     return coco
 

@@ -34,7 +34,15 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from gara.data.coco import annotation_mask, mask_bbox, mask_to_rle, read_coco, write_coco
+from gara.cluster import RayWorkers, map_on_actors
+from gara.data.coco import (
+    ANNOTATIONS_FILE,
+    DatasetFormatError,
+    annotation_mask,
+    mask_bbox,
+    mask_to_rle,
+    parse_coco,
+)
 from gara.data.corruptions import (
     GENERATOR_VERSION,
     apply_corruption,
@@ -43,7 +51,8 @@ from gara.data.corruptions import (
     resolve_types,
     single_threaded_cv2,
 )
-from gara.fsutil import atomic_write_bytes, atomic_write_json
+from gara.data.storage import DatasetStore, LocalStore, open_store, same_location
+from gara.fsutil import atomic_write_bytes, json_bytes
 from gara.seeding import seeded_rng
 
 log = logging.getLogger(__name__)
@@ -81,8 +90,8 @@ class CorruptSummary:
 
 @dataclass(frozen=True)
 class _ImageTask:
-    data: str
-    out: str
+    data: DatasetStore
+    out: DatasetStore
     entry: dict[str, Any]
     anns: list[dict[str, Any]]
     stem: str  # output path stem relative to images/<variant>/, posix
@@ -154,14 +163,18 @@ def plan_balanced(index: int, order: Sequence[tuple[str, int]], variants_per_ima
 
 def read_rgb(path: Path) -> np.ndarray:
     """Read an image file as RGB uint8, ignoring EXIF orientation (COCO masks use stored pixels)."""
-    return _decode_rgb(_read_bytes(path), path)
+    store = LocalStore(path.parent)
+    return _decode_rgb(store.read_bytes(path.name), store.describe(path.name))
 
 
-def _decode_rgb(data: bytes, path: Path) -> np.ndarray:
+def _decode_rgb(data: bytes, where: str) -> np.ndarray:
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    try:  # OpenCV asserts (cv2.error) on an empty buffer and returns None on other bad bytes
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags) if data else None
+    except cv2.error:
+        bgr = None
     if bgr is None:
-        raise ValueError(f"{path}: not a readable image")
+        raise ValueError(f"{where}: not a readable image")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
@@ -179,11 +192,21 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)
 
 
+class _RayCorruptWorker:
+    """A Ray actor that corrupts images (OpenCV single-threaded, as the process pool's workers)."""
+
+    def __init__(self) -> None:
+        _init_worker()
+
+    def process(self, task: _ImageTask) -> dict[str, Any]:
+        return _process_image(task)
+
+
 def _process_image(task: _ImageTask) -> dict[str, Any]:
     """Make (or reuse) every planned variant of one source image; return its variant results."""
-    data, out = Path(task.data), Path(task.out)
-    src = data / task.entry["file_name"]
-    raw = _read_bytes(src)
+    data, out = task.data, task.out
+    src = data.describe(task.entry["file_name"])
+    raw = data.read_bytes(task.entry["file_name"])
     rgb = _decode_rgb(raw, src)
     height, width = int(task.entry["height"]), int(task.entry["width"])
     if rgb.shape[:2] != (height, width):
@@ -199,8 +222,8 @@ def _process_image(task: _ImageTask) -> dict[str, Any]:
         "generator": GENERATOR_VERSION,
         "key": task.entry["file_name"],
     }
-    record_path = out / RECORDS_DIR / f"{task.stem}.json"
-    old = _load_record(record_path)
+    record_name = f"{RECORDS_DIR}/{task.stem}.json"
+    old = _load_record(out.read_optional(record_name))
     reusable = old["variants"] if old.get("inputs") == inputs else {}
 
     masks: np.ndarray | None = None
@@ -210,7 +233,8 @@ def _process_image(task: _ImageTask) -> dict[str, Any]:
         vkey = f"{corruption}/s{severity}"
         rel = variant_file(task.stem, corruption, severity)
         prev = reusable.get(vkey)
-        if prev is not None and prev.get("file") == rel and _file_sha256(out / rel) == prev["png_sha256"]:
+        reused = prev is not None and prev.get("file") == rel
+        if reused and _sha256_or_none(out.read_optional(rel)) == prev["png_sha256"]:
             entry = dict(prev)
             results.append({**entry, "corruption": corruption, "severity": severity, "written": False})
             new_variants[vkey] = entry
@@ -226,7 +250,7 @@ def _process_image(task: _ImageTask) -> dict[str, Any]:
                 masks=masks if geometric else None, key=task.entry["file_name"],
             )
         png = encode_png(image)
-        atomic_write_bytes(out / rel, png)
+        out.write_bytes(rel, png)
         entry = {"file": rel, "png_sha256": _sha256(png), "annotations": None, "dropped": []}
         if geometric:
             assert warped is not None
@@ -249,33 +273,20 @@ def _process_image(task: _ImageTask) -> dict[str, Any]:
     planned_files = {v["file"] for v in new_variants.values()}
     for vkey, prev in old.get("variants", {}).items():
         stale = prev.get("file")
-        if stale and stale not in planned_files and vkey not in new_variants:
-            path = out / stale
-            if path.is_file():
-                path.unlink()
-                removed += 1
-    atomic_write_json(record_path, {"inputs": inputs, "variants": new_variants})
+        if stale and stale not in planned_files and vkey not in new_variants and out.delete(stale):
+            removed += 1
+    out.write_bytes(record_name, json_bytes({"inputs": inputs, "variants": new_variants}))
     return {"variants": results, "removed": removed}
 
 
-def _read_bytes(path: Path) -> bytes:
+def _sha256_or_none(data: bytes | None) -> str | None:
+    return None if data is None else _sha256(data)
+
+
+def _load_record(raw: bytes | None) -> dict[str, Any]:
     try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise FileNotFoundError(f"{path}: cannot read image ({exc.strerror})") from exc
-
-
-def _file_sha256(path: Path) -> str | None:
-    try:
-        return _sha256(path.read_bytes())
-    except OSError:
-        return None
-
-
-def _load_record(path: Path) -> dict[str, Any]:
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        record = json.loads(raw or b"")
+    except (UnicodeDecodeError, json.JSONDecodeError):
         return {}
     return record if isinstance(record, dict) and isinstance(record.get("variants"), dict) else {}
 
@@ -299,22 +310,27 @@ def corrupt_dataset(
     workers: int | None = None,
     progress: bool = True,
     balanced: bool = False,
+    ray_workers: RayWorkers | None = None,
 ) -> CorruptSummary:
-    """Corrupt every image of the dataset folder ``data`` into the dataset folder ``out``.
+    """Corrupt every image of the dataset ``data`` into the dataset ``out`` (each a folder or an
+    ``s3://BUCKET/PREFIX``, :mod:`gara.data.storage`).
 
     ``types``/``severities`` default to all 17 types and 1..5. With ``variants_per_image=N``
     each image gets N (type, severity) pairs drawn from the seed instead of the full grid (the
     clean copy always); with ``balanced=True`` too, the N pairs are dealt out so that every type
     appears equally often over the dataset (:func:`plan_balanced`). ``workers`` defaults to
     all cores; workers are spawned, so a script that
-    calls this with workers > 1 needs the usual ``if __name__ == "__main__":`` guard.
+    calls this with workers > 1 needs the usual ``if __name__ == "__main__":`` guard. With
+    ``ray_workers`` (count > 0) the images go to that many Ray actors instead (:mod:`gara.cluster`);
+    the bytes written are the same.
     """
     start = time.perf_counter()
-    data, out = Path(data), Path(out)
-    if not data.exists():
-        raise FileNotFoundError(f"data folder {data} does not exist")
-    if not data.is_dir():
-        raise NotADirectoryError(f"data path {data} is not a folder")
+    data_store, out_store = open_store(data), open_store(out)
+    if isinstance(data_store, LocalStore):
+        if not data_store.root.exists():
+            raise FileNotFoundError(f"data folder {data} does not exist")
+        if not data_store.root.is_dir():
+            raise NotADirectoryError(f"data path {data} is not a folder")
     type_list = resolve_types(types)
     sev_list = resolve_severities(severities)
     grid_size = len(type_list) * len(sev_list)
@@ -327,10 +343,14 @@ def corrupt_dataset(
         raise ValueError("balanced needs variants_per_image: the full grid is balanced already")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if out.resolve() == data.resolve():
+    if same_location(data_store, out_store):
         raise ValueError(f"output folder {out} is the input folder; choose another --out")
 
-    coco = read_coco(data)
+    raw_coco = data_store.read_optional(ANNOTATIONS_FILE)
+    if raw_coco is None:
+        raise DatasetFormatError(f"{data_store.describe(ANNOTATIONS_FILE)}: missing; a dataset needs "
+                                 f"{ANNOTATIONS_FILE}")
+    coco = parse_coco(raw_coco, data_store.describe(ANNOTATIONS_FILE))
     by_image: dict[Any, list[dict[str, Any]]] = {}
     for ann in coco["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
@@ -355,18 +375,22 @@ def corrupt_dataset(
             variants = plan_balanced(index, order, variants_per_image)
         else:
             variants = plan_variants(entry["file_name"], type_list, sev_list, seed, variants_per_image)
-        tasks.append(_ImageTask(str(data), str(out), entry, anns, stem, variants, seed))
+        tasks.append(_ImageTask(data_store, out_store, entry, anns, stem, variants, seed))
 
-    out.mkdir(parents=True, exist_ok=True)
     # A finished dataset is recognised by annotations.json: drop the old one before touching
     # any image, write the new one last.
-    (out / "annotations.json").unlink(missing_ok=True)
+    out_store.delete(ANNOTATIONS_FILE)
 
-    n_workers = min(workers or os.cpu_count() or 1, max(1, len(tasks)))
-    results = _run_tasks(tasks, n_workers, progress)
+    if ray_workers is not None and ray_workers.count > 0:
+        results = _run_on_ray(tasks, ray_workers, progress)
+    else:
+        n_workers = min(workers or os.cpu_count() or 1, max(1, len(tasks)))
+        results = _run_tasks(tasks, n_workers, progress)
 
-    summary = _assemble(coco, tasks, results, type_list, sev_list, seed, variants_per_image, balanced, out)
-    summary.data, summary.seconds = str(data), round(time.perf_counter() - start, 3)
+    summary = _assemble(coco, tasks, results, type_list, sev_list, seed, variants_per_image, balanced,
+                        out_store)
+    summary.data, summary.out = str(data), str(out)
+    summary.seconds = round(time.perf_counter() - start, 3)
     for d in summary.dropped:
         log.warning(
             "instance %s of image %s vanished under %s s%s and was dropped",
@@ -396,6 +420,16 @@ def _run_tasks(tasks: list[_ImageTask], n_workers: int, progress: bool) -> list[
     return results
 
 
+def _run_on_ray(tasks: list[_ImageTask], ray_workers: RayWorkers, progress: bool) -> list[dict[str, Any]]:
+    bar = tqdm(total=len(tasks), desc=f"corrupt (Ray x{ray_workers.count})", unit="img", disable=not progress)
+    try:
+        with ray_workers.session():
+            return map_on_actors(_RayCorruptWorker, (), ray_workers.count, "process", tasks,
+                                 on_result=lambda _: bar.update(1))
+    finally:
+        bar.close()
+
+
 def _assemble(
     coco: dict[str, Any],
     tasks: list[_ImageTask],
@@ -405,7 +439,7 @@ def _assemble(
     seed: int,
     variants_per_image: int | None,
     balanced: bool,
-    out: Path,
+    out: DatasetStore,
 ) -> CorruptSummary:
     """Build the output COCO with fresh sequential ids (source order, then variant order)."""
     images_out, anns_out, dropped = [], [], []
@@ -461,9 +495,9 @@ def _assemble(
         "generator": GENERATOR_VERSION,
         "dropped_instances": len(dropped),
     }
-    write_coco(out, result_coco)
+    out.write_bytes(ANNOTATIONS_FILE, json_bytes(result_coco))
     return CorruptSummary(
-        data="", out=str(out), source_images=len(tasks), images=len(images_out),
+        data="", out="", source_images=len(tasks), images=len(images_out),
         annotations=len(anns_out), written=written, skipped=skipped, removed=removed,
         dropped_instances=len(dropped), dropped=dropped,
     )

@@ -501,10 +501,17 @@ def evaluate_to_report(
     params: Params, model_specs: Sequence[str], progress: bool = True
 ) -> tuple[dict[str, Any], EvaluationResult]:
     """What ``gara evaluate`` does (and the retrain flow): resolve the ``--model`` specs, score
-    them on ``params.evaluate``, write the report into ``evaluate.out``; returns (metrics, result)."""
-    from gara.evaluate.runner import evaluate_models, resolve_models
+    them on ``params.evaluate`` (in this process, or on ``evaluate.ray_workers`` Ray actors), write
+    the report into ``evaluate.out``; returns (metrics, result)."""
+    from gara.cluster import RayWorkers
+    from gara.evaluate.runner import evaluate_models, evaluate_on_ray, resolve_models
 
-    config = params.evaluate
-    models = resolve_models(model_specs, params.model, params.train.mlflow.tracking_uri)
-    result = evaluate_models(models, config.data, config, progress=progress)
+    config, tracking_uri = params.evaluate, params.train.mlflow.tracking_uri
+    if config.ray_workers > 0:
+        ray_workers = RayWorkers(config.ray_workers, params.train.ray_address, params.train.object_store_mb)
+        result = evaluate_on_ray(model_specs, params.model, tracking_uri, config.data, config, ray_workers,
+                                 progress=progress)
+    else:
+        models = resolve_models(model_specs, params.model, tracking_uri)
+        result = evaluate_models(models, config.data, config, progress=progress)
     return write_report(result, config.out, config.bootstrap), result

@@ -9,6 +9,12 @@ truth (:func:`gara.data.prompts.prompts_from_masks`, seeded by the source annota
 and the very same objects go to every model; each model encodes the batch once and
 decodes every prompt kind from those embeddings. A model that altered the prompts it was
 given (in place) is caught before the next model sees them.
+
+In process (:func:`evaluate_models`) or on Ray actors (:func:`evaluate_on_ray`,
+``evaluate.ray_workers``): the driver selects the images and cuts them into shards of whole
+batches; each actor builds every model once and scores the shards it gets; the parts merge in
+selection order. Same batches, same prompts: the records equal an in-process run's with the
+same number of torch threads per process (an actor has one).
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import re
+import signal
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +38,8 @@ import torch
 from tqdm import tqdm
 
 from gara import precision
+from gara.allocator import keep_freed_memory
+from gara.cluster import RayWorkers, map_on_actors
 from gara.config import EvaluateConfig, ModelConfig
 from gara.data.coco import read_coco
 from gara.data.corrupt import CLEAN
@@ -42,7 +52,7 @@ from gara.models.factory import build_segmenter
 from gara.models.segmenter import Prompts, Segmenter
 from gara.models.stages import frozen_prefix_length, run_stages
 from gara.seeding import seeded_rng
-from gara.tracking import active_store, redact_uri, resolve_tracking_uri
+from gara.tracking import absolute_tracking_uri, active_store, redact_uri, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -354,23 +364,20 @@ def _chunks(items: Sequence[ImageInfo], size: int) -> Iterator[list[ImageInfo]]:
         yield list(items[start : start + size])
 
 
-@torch.no_grad()
-def evaluate_models(
-    models: Mapping[str, Segmenter],
-    data: str | Path,
-    config: EvaluateConfig,
-    progress: bool = True,
-) -> EvaluationResult:
-    """Every model on the selected images of ``data`` (see the module docstring)."""
-    if not models:
-        raise ValueError("evaluate: no models given")
-    start = time.perf_counter()
-    data = Path(data)
-    dataset = InstanceDataset(data)
-    coco = read_coco(data)
-    source_ann = {
-        a["id"]: a.get("source_annotation_id", a["id"]) for a in coco["annotations"] if isinstance(a, dict)
-    }
+@dataclass
+class _Selection:
+    """What to evaluate, decided once in the driver: every image, in order, and which are drawn."""
+
+    data: Path
+    coco: dict[str, Any]
+    images: list[ImageInfo]
+    kinds: list[PromptKind]
+    overlay_kind: str
+    overlay_ids: set[int]
+
+
+def _select(data: Path, config: EvaluateConfig) -> _Selection:
+    dataset, coco = InstanceDataset(data), read_coco(data)
     selected = select_images(
         image_infos(dataset, coco), config.max_images, config.types, config.severities, config.seed, str(data)
     )
@@ -379,58 +386,241 @@ def evaluate_models(
     kinds: list[PromptKind] = list(dict.fromkeys(config.prompts.kinds))
     overlay_kind = "box" if "box" in kinds else kinds[0]
     overlay_ids = {i.image_id for i in overlay_choice(selected, config.overlay_images)}
-    gara_models = [name for name, m in models.items() if has_gara(m)]
-    for model in models.values():
-        model.eval()
+    return _Selection(data, coco, selected, kinds, overlay_kind, overlay_ids)
 
-    records: list[dict[str, Any]] = []
-    prompts: dict[int, dict[str, Prompts]] = {}
-    overlays: dict[int, Overlay] = {}
-    evaluated: list[ImageInfo] = []
-    skipped: list[ImageInfo] = []
-    bar = tqdm(total=len(selected), desc="evaluate", unit="img", disable=not progress)
-    try:
-        for chunk in _chunks(selected, config.batch_size):
+
+@dataclass
+class _Scored:
+    """What a run of images gives (the whole selection in process, a shard on a Ray actor)."""
+
+    models: list[str]
+    gara_models: list[str]
+    adapter_weights: dict[str, str | None]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    prompts: dict[int, dict[str, Prompts]] = field(default_factory=dict)
+    overlays: dict[int, Overlay] = field(default_factory=dict)
+    evaluated: list[ImageInfo] = field(default_factory=list)
+    skipped: list[ImageInfo] = field(default_factory=list)
+
+
+class _Scorer:
+    """The models and the dataset, ready to score runs of images in ``config.batch_size`` batches."""
+
+    def __init__(self, models: Mapping[str, Segmenter], data: Path, config: EvaluateConfig):
+        if not models:
+            raise ValueError("evaluate: no models given")
+        self.models, self.config = models, config
+        self.dataset = InstanceDataset(data)
+        self.source_ann = {
+            a["id"]: a.get("source_annotation_id", a["id"])
+            for a in read_coco(data)["annotations"] if isinstance(a, dict)
+        }
+        self.gara_models = [name for name, m in models.items() if has_gara(m)]
+        for model in models.values():
+            model.eval()
+
+    @torch.no_grad()
+    def score(self, images: Sequence[ImageInfo], kinds: Sequence[PromptKind], overlay_kind: str,
+              overlay_ids: set[int], after_batch: Callable[[int], None] = lambda n: None) -> _Scored:
+        config = self.config
+        weights = {name: getattr(m, "adapter_weights_sha256", None) for name, m in self.models.items()}
+        scored = _Scored(list(self.models), self.gara_models, weights)
+        for chunk in _chunks(images, config.batch_size):
             batch: list[tuple[ImageInfo, Sample, list[Any]]] = []
             for info in chunk:
-                sample = dataset[info.index]
+                sample = self.dataset[info.index]
                 if len(sample["masks"]) == 0:
-                    skipped.append(info)
+                    scored.skipped.append(info)
                     continue
                 # Seeded by the source annotation: an instance gets the same points in every variant.
-                keys = [source_ann[int(a)] for a in sample["ann_ids"]]
+                keys = [self.source_ann[int(a)] for a in sample["ann_ids"]]
                 batch.append((info, sample, keys))
             for info, sample, keys in batch:
-                prompts[info.image_id] = {
+                scored.prompts[info.image_id] = {
                     k: prompts_from_masks(sample["masks"], k, config.prompts.n_points, config.seed, keys)
                     for k in kinds
                 }
                 if info.image_id in overlay_ids:
-                    shown = prompts[info.image_id][overlay_kind]
-                    overlays[info.image_id] = Overlay(
+                    shown = scored.prompts[info.image_id][overlay_kind]
+                    scored.overlays[info.image_id] = Overlay(
                         info, sample["image"], sample["masks"], overlay_kind, shown
                     )
             if batch:
-                records += _evaluate_batch(
-                    models, batch, prompts, kinds, overlays, gara_models, config.mixed_precision
+                scored.records += _evaluate_batch(
+                    self.models, batch, scored.prompts, kinds, scored.overlays, self.gara_models,
+                    config.mixed_precision,
                 )
-                evaluated += [info for info, _, _ in batch]
-            bar.update(len(chunk))
-    finally:
-        bar.close()
+                scored.evaluated += [info for info, _, _ in batch]
+            after_batch(len(chunk))
+        return scored
+
+
+def _result(selection: _Selection, parts: Sequence[_Scored], config: EvaluateConfig, start: float
+            ) -> EvaluationResult:
+    """Merge scored runs (in selection order) into one EvaluationResult."""
+    first = parts[0]
+    for part in parts[1:]:  # e.g. an alias moved between two Ray actors' downloads
+        if (part.models, part.adapter_weights) != (first.models, first.adapter_weights):
+            raise RuntimeError(
+                f"evaluate: the workers loaded different models ({first.adapter_weights} vs "
+                f"{part.adapter_weights}); did a registry alias move during the run? Evaluate again"
+            )
+    records = [r for part in parts for r in part.records]
+    evaluated = [i for part in parts for i in part.evaluated]
+    skipped = [i for part in parts for i in part.skipped]
+    prompts = {k: v for part in parts for k, v in part.prompts.items()}
+    overlays = {k: v for part in parts for k, v in part.overlays.items()}
     for info in skipped:
         log.warning("image %s (%s s%s) has no instances: nothing to prompt, left out",
                     info.image_id, info.corruption, info.severity)
-    frame = pd.DataFrame.from_records(records, columns=RECORD_COLUMNS)
+    data, kinds = selection.data, selection.kinds
     return EvaluationResult(
-        records=frame, models=list(models), dataset=str(data), kinds=list(kinds),
-        n_points=config.prompts.n_points, seed=config.seed, images=evaluated, skipped=skipped,
-        prompts=prompts, overlays=[overlays[i.image_id] for i in selected if i.image_id in overlays],
-        seconds=time.perf_counter() - start, gara_models=gara_models,
-        evaluation_set=evaluation_set_id(data, coco, evaluated, kinds, config.prompts.n_points, config.seed),
-        source_kinds=source_kinds(coco, evaluated),
-        adapter_weights={name: getattr(m, "adapter_weights_sha256", None) for name, m in models.items()},
+        records=pd.DataFrame.from_records(records, columns=RECORD_COLUMNS), models=list(first.models),
+        dataset=str(data), kinds=list(kinds), n_points=config.prompts.n_points, seed=config.seed,
+        images=evaluated, skipped=skipped, prompts=prompts,
+        overlays=[overlays[i.image_id] for i in selection.images if i.image_id in overlays],
+        seconds=time.perf_counter() - start, gara_models=list(first.gara_models),
+        evaluation_set=evaluation_set_id(data, selection.coco, evaluated, kinds, config.prompts.n_points,
+                                         config.seed),
+        source_kinds=source_kinds(selection.coco, evaluated),
+        adapter_weights=dict(first.adapter_weights),
     )
+
+
+def evaluate_models(
+    models: Mapping[str, Segmenter],
+    data: str | Path,
+    config: EvaluateConfig,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Every model on the selected images of ``data``, in this process (see the module docstring)."""
+    start = time.perf_counter()
+    selection = _select(Path(data), config)
+    scorer = _Scorer(on_device(models, config.use_gpu), selection.data, config)
+    bar = tqdm(total=len(selection.images), desc="evaluate", unit="img", disable=not progress)
+    try:
+        scored = scorer.score(selection.images, selection.kinds, selection.overlay_kind,
+                              selection.overlay_ids, bar.update)
+    finally:
+        bar.close()
+    return _result(selection, [scored], config, start)
+
+
+def on_device(models: Mapping[str, Segmenter], use_gpu: bool) -> Mapping[str, Segmenter]:
+    """The models on this process's GPU when ``use_gpu`` (evaluate.use_gpu), else as they are."""
+    if not use_gpu:
+        return models
+    if not torch.cuda.is_available():
+        raise RuntimeError("evaluate.use_gpu is true but torch sees no CUDA device here; set it to false")
+    return {name: model.to("cuda") for name, model in models.items()}
+
+
+# --- on a Ray cluster --------------------------------------------------------------------
+
+# Shards per Ray worker: several, so a slow worker is balanced out and a killed one costs little.
+SHARDS_PER_WORKER = 4
+
+
+@dataclass(frozen=True)
+class _Shard:
+    index: int
+    images: list[ImageInfo]
+    kinds: list[PromptKind]
+    overlay_kind: str
+    overlay_ids: frozenset[int]
+
+
+def plan_shards(images: Sequence[ImageInfo], batch_size: int, workers: int) -> list[list[ImageInfo]]:
+    """Contiguous runs of whole batches, in selection order (so a source's variants stay
+    together): every image is scored in the very batch it has in process, which keeps the
+    numbers bit for bit those of an in-process run."""
+    batches = list(_chunks(images, batch_size))
+    per_shard = -(-len(batches) // max(1, min(len(batches), workers * SHARDS_PER_WORKER)))
+    return [[i for b in batches[k : k + per_shard] for i in b] for k in range(0, len(batches), per_shard)]
+
+
+class _RayEvaluator:
+    """A Ray actor: builds every model once (from the specs, as ``gara evaluate`` does), then
+    scores the shards it is given. ``fault`` (tests): on shard ``fault["shard"]``, after its first
+    batch, the process SIGKILLs itself once (the ``fault["marker"]`` file says it did)."""
+
+    def __init__(self, specs: Sequence[str], model_config: ModelConfig, tracking_uri: str | None, data: str,
+                 config: EvaluateConfig, fault: dict[str, Any] | None = None):
+        keep_freed_memory()  # each actor is its own process (gara/allocator.py)
+        self.fault, self.error = fault, None
+        try:
+            models = resolve_models(specs, model_config, tracking_uri)
+            self.scorer = _Scorer(on_device(models, config.use_gpu), Path(data), config)
+        except Exception as exc:  # noqa: BLE001 - raised by score(): as itself, and never retried
+            self.error = exc
+
+    def score(self, shard: _Shard) -> _Scored:
+        if self.error is not None:
+            raise self.error
+        def after_batch(_: int) -> None:
+            if self.fault and shard.index == self.fault["shard"]:
+                marker = Path(self.fault["marker"])
+                if not marker.exists():
+                    marker.write_text(f"killed pid {os.getpid()} in shard {shard.index}\n")
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        return self.scorer.score(shard.images, shard.kinds, shard.overlay_kind, set(shard.overlay_ids),
+                                 after_batch)
+
+
+def _portable_spec(spec: str) -> str:
+    """A ``--model`` spec that means the same in a Ray worker's working directory; a folder that
+    is not there fails here, before any worker starts."""
+    name, target = parse_model_spec(spec)
+    if target == "base" or "://" in target or target.startswith(MLFLOW_SCHEMES):
+        return spec
+    path = Path(target).absolute()
+    if not path.exists():
+        raise ModelSpecError(f"--model {spec!r}: {path} does not exist (expected 'base', an adapter folder, "
+                             "or an MLflow URI models:/NAME@ALIAS, models:/NAME/VERSION, runs:/...)")
+    return f"{name}={path}" if name else str(path)
+
+
+def evaluate_on_ray(
+    specs: Sequence[str],
+    model_config: ModelConfig,
+    tracking_uri: str | None,
+    data: str | Path,
+    config: EvaluateConfig,
+    ray_workers: RayWorkers,
+    progress: bool = True,
+    fault: dict[str, Any] | None = None,
+) -> EvaluationResult:
+    """:func:`evaluate_models` on ``ray_workers.count`` Ray actors: the selection is made here,
+    cut into shards (:func:`plan_shards`), scored by actors that each build every model once,
+    and merged in selection order, so records, metrics and report equal an in-process run's.
+    A worker killed mid-shard is restarted and that shard scored again; a shard counts once."""
+    start = time.perf_counter()
+    if not specs:
+        raise ModelSpecError("give at least one --model (base, an adapter folder, or models:/...)")
+    portable = [_portable_spec(s) for s in specs]
+    selection = _select(Path(data), config)
+    if model_config.checkpoint and "://" not in model_config.checkpoint:
+        local = str(Path(model_config.checkpoint).absolute())
+        model_config = model_config.model_copy(update={"checkpoint": local})
+    # The configured URI, made absolute; MLFLOW_TRACKING_URI (which may hold credentials) is never
+    # passed on: each worker reads its own environment.
+    configured = absolute_tracking_uri(tracking_uri, Path.cwd()) if tracking_uri else None
+    overlay_ids = frozenset(selection.overlay_ids)
+    shards = [_Shard(k, images, selection.kinds, selection.overlay_kind, overlay_ids)
+              for k, images in enumerate(plan_shards(selection.images, config.batch_size, ray_workers.count))]
+    init = (portable, model_config, configured, str(Path(data).absolute()), config,
+            fault)
+    bar = tqdm(total=len(selection.images), desc=f"evaluate (Ray x{ray_workers.count})", unit="img",
+               disable=not progress)
+    try:
+        with ray_workers.session():
+            parts = map_on_actors(_RayEvaluator, init, ray_workers.count, "score", shards,
+                                  on_result=lambda p: bar.update(len(p.evaluated) + len(p.skipped)),
+                                  num_gpus=1 if config.use_gpu else 0)
+    finally:
+        bar.close()
+    return _result(selection, parts, config, start)
 
 
 class SharedPrefixes:

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from gara.data.storage import s3_client
 from gara.errors import CheckpointError, ChecksumMismatchError
 from gara.fsutil import atomic_write
 
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "GARA_CACHE_DIR"
 PACKAGE_SCHEME = "pkg://"
-S3_ENDPOINT_ENV = "GARA_S3_ENDPOINT_URL"
 
 
 def cache_dir() -> Path:
@@ -48,18 +48,6 @@ def file_sha256(path: str | Path) -> str:
                 digest.update(chunk)
         _SHA_CACHE[key] = digest.hexdigest()
     return _SHA_CACHE[key]
-
-
-def s3_client(endpoint_url: str | None = None):
-    """A boto3 S3 client. Credentials come from the environment (or boto3's usual chain) only.
-
-    The endpoint is, in order: the argument, GARA_S3_ENDPOINT_URL, boto3's own
-    AWS_ENDPOINT_URL handling (for S3-compatible stores such as a local test server).
-    """
-    import boto3
-
-    endpoint_url = endpoint_url or os.environ.get(S3_ENDPOINT_ENV) or None
-    return boto3.client("s3", endpoint_url=endpoint_url)
 
 
 def _download_s3(uri: str, expected_sha256: str | None, endpoint_url: str | None) -> Path:

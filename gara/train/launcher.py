@@ -6,9 +6,9 @@
      ``sqlite:///`` tracking URI (relative to the current directory, the repo root when run
      by make / DVC);
   2. creates the MLflow run (params = flattened model + train config; lineage tags);
-  3. starts a local Ray on 127.0.0.1 unless Ray is initialised or ``train.ray_address`` is
-     set, and runs a ``TorchTrainer`` with a unique run name (a reused name would silently
-     restore old checkpoints);
+  3. joins or starts Ray (:mod:`gara.cluster`: ``train.ray_address``, RAY_ADDRESS, else a
+     local cluster on 127.0.0.1, shut down after), and runs a ``TorchTrainer`` with a unique
+     run name (a reused name would silently restore old checkpoints);
   4. copies the latest checkpoint's adapter to ``train.out`` (built in a sibling temp folder,
      swapped in only when complete), logs it as the run's ``adapter/`` artifacts, tags the run
      with the weights' sha256 (how ``gara register`` finds it) and ends the run FINISHED
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gara.cluster import ray_session
 from gara.config import Params
 from gara.data.coco import DatasetFormatError, annotations_path
 from gara.models.backbones import get_backbone_spec
@@ -127,33 +128,6 @@ def _create_run(params: Params, tags: dict[str, str], run_name: str):
     return client, run.info.run_id
 
 
-def _start_ray(params: Params) -> bool:
-    """Initialise Ray if needed; True when this call started it (then we shut it down)."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind to 127.0.0.1
-    import ray
-
-    if ray.is_initialized():
-        return False
-    train = params.train
-    # An existing cluster: train.ray_address, else Ray's own RAY_ADDRESS (the local stack's
-    # env.sh, KubeRay pods). Joining one takes no resource arguments.
-    address = train.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        # "local": a cluster of our own. Without it Ray joins any Ray it finds running on this
-        # machine (another user's `ray start`, a concurrent test worker's cluster) and refuses
-        # our resource arguments, or we shut down a cluster that is not ours.
-        ray.init(
-            address="local",
-            num_cpus=max(2, train.num_workers),
-            include_dashboard=False,
-            object_store_memory=train.object_store_mb * 1024 * 1024,
-            _node_ip_address="127.0.0.1",
-        )
-    return True
-
-
 def _swap_in(src: Path, out: Path) -> None:
     """Copy ``src`` into a sibling temp folder, then swap it in for ``out``.
 
@@ -199,27 +173,21 @@ def train(params: Params, extra_loop_config: dict[str, Any] | None = None) -> Tr
     client, run_id = _create_run(params, tags, run_name)
     tracking_uri = train_cfg.mlflow.tracking_uri
     print(f"[gara train] MLflow run {run_id} ({redact_uri(tracking_uri)}), Ray run {run_name}", flush=True)
-    started_ray = False
     try:
-        started_ray = _start_ray(params)
-        result = _fit(params, run_name, tracking_uri, run_id, extra_loop_config or {})
-        if result.checkpoint is None:
-            raise RuntimeError(f"Ray run {run_name} finished without a checkpoint")
-        metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float | str)}
-        out = Path(train_cfg.out)
-        with result.checkpoint.as_directory() as directory:
-            adapter = Path(directory) / ADAPTER_DIR
-            client.log_artifacts(run_id, str(adapter), "adapter")
-            _swap_in(adapter, out)
+        with ray_session(train_cfg.ray_address, max(2, train_cfg.num_workers), train_cfg.object_store_mb):
+            result = _fit(params, run_name, tracking_uri, run_id, extra_loop_config or {})
+            if result.checkpoint is None:
+                raise RuntimeError(f"Ray run {run_name} finished without a checkpoint")
+            metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float | str)}
+            out = Path(train_cfg.out)
+            with result.checkpoint.as_directory() as directory:
+                adapter = Path(directory) / ADAPTER_DIR
+                client.log_artifacts(run_id, str(adapter), "adapter")
+                _swap_in(adapter, out)
         client.set_tag(run_id, ADAPTER_WEIGHTS_TAG, read_manifest(out).weights_sha256)
     except BaseException as exc:
         client.set_terminated(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
         raise
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
     client.set_terminated(run_id, "FINISHED")
     return TrainResult(out, run_id, metrics, tracking_uri)
 

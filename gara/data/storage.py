@@ -1,0 +1,159 @@
+"""Where a dataset's files live: a local folder or an ``s3://BUCKET/PREFIX``, behind one interface.
+
+``gara corrupt`` reads its input and writes its output through a store, so the same code runs
+in one process, in a process pool, or in Ray workers on machines that share no disk (with an
+``s3://`` dataset). A store is a small picklable value (its S3 client is made per process).
+
+Names inside a store are relative POSIX paths (``images/a.png``); an absolute name or one with
+``..`` is refused, naming the dataset and the name, so nothing is read or written outside it.
+Writes are atomic: a local file is renamed into place, an S3 object appears whole.
+Credentials come from the environment (boto3's chain) only.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+from urllib.parse import urlparse
+
+from gara.fsutil import atomic_write_bytes
+
+S3_ENDPOINT_ENV = "GARA_S3_ENDPOINT_URL"
+
+
+class UnsafePathError(ValueError):
+    """A name in a dataset points outside it (absolute, or through ``..``)."""
+
+
+def s3_client(endpoint_url: str | None = None):
+    """A boto3 S3 client. Credentials come from the environment (or boto3's usual chain) only.
+
+    The endpoint is, in order: the argument, GARA_S3_ENDPOINT_URL, boto3's own
+    AWS_ENDPOINT_URL handling (for S3-compatible stores such as a local test server).
+    """
+    import boto3
+
+    endpoint_url = endpoint_url or os.environ.get(S3_ENDPOINT_ENV) or None
+    return boto3.client("s3", endpoint_url=endpoint_url)
+
+
+@functools.cache
+def _client_for(endpoint_url: str | None):
+    return s3_client(endpoint_url)  # one per process: clients are not picklable, and cost ~50 ms
+
+
+def relative_name(name: str, where: str) -> str:
+    """``name`` as a clean relative POSIX path inside the dataset, or UnsafePathError."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    if not name or path.is_absolute() or ".." in path.parts or (len(name) > 1 and name[1] == ":"):
+        raise UnsafePathError(f"{where}: file name {name!r} points outside the dataset; "
+                              "names must be relative to the dataset folder, without '..'")
+    return str(path)
+
+
+class DatasetStore(Protocol):
+    def describe(self, name: str = "") -> str: ...
+    def read_bytes(self, name: str) -> bytes: ...
+    def read_optional(self, name: str) -> bytes | None: ...
+    def write_bytes(self, name: str, data: bytes) -> None: ...
+    def delete(self, name: str) -> bool: ...
+
+
+@dataclass(frozen=True)
+class LocalStore:
+    root: Path
+
+    def _path(self, name: str) -> Path:
+        return self.root / relative_name(name, str(self.root))
+
+    def describe(self, name: str = "") -> str:
+        return str(self.root / name) if name else str(self.root)
+
+    def read_bytes(self, name: str) -> bytes:
+        path = self._path(name)
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise FileNotFoundError(f"{path}: cannot read ({exc.strerror})") from exc
+
+    def read_optional(self, name: str) -> bytes | None:
+        try:
+            return self._path(name).read_bytes()
+        except OSError:
+            return None
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        atomic_write_bytes(self._path(name), data)
+
+    def delete(self, name: str) -> bool:
+        path = self._path(name)
+        if not path.is_file():
+            return False
+        path.unlink()
+        return True
+
+
+@dataclass(frozen=True)
+class S3Store:
+    bucket: str
+    prefix: str  # no leading or trailing slash; "" = the bucket's root
+    endpoint_url: str | None = None
+
+    def _key(self, name: str) -> str:
+        name = relative_name(name, self.describe())
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def describe(self, name: str = "") -> str:
+        root = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        return f"{root}/{name}" if name else root
+
+    def _get(self, name: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = _client_for(self.endpoint_url).get_object(Bucket=self.bucket, Key=self._key(name))
+            return response["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise OSError(f"{self.describe(name)}: {exc}") from exc
+
+    def read_bytes(self, name: str) -> bytes:
+        data = self._get(name)
+        if data is None:
+            raise FileNotFoundError(f"{self.describe(name)}: no such object")
+        return data
+
+    def read_optional(self, name: str) -> bytes | None:
+        return self._get(name)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        _client_for(self.endpoint_url).put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
+
+    def delete(self, name: str) -> bool:
+        if self._get(name) is None:
+            return False
+        _client_for(self.endpoint_url).delete_object(Bucket=self.bucket, Key=self._key(name))
+        return True
+
+
+def open_store(location: str | Path, s3_endpoint_url: str | None = None) -> LocalStore | S3Store:
+    """A dataset location (a folder, or ``s3://BUCKET[/PREFIX]``) -> its store."""
+    text = str(location)
+    if text.startswith("s3://"):
+        parsed = urlparse(text)
+        if not parsed.netloc:
+            raise ValueError(f"dataset URL {text!r}: expected s3://BUCKET/PREFIX")
+        return S3Store(parsed.netloc, parsed.path.strip("/"), s3_endpoint_url)
+    if "://" in text:
+        raise ValueError(f"dataset location {text!r}: a folder or an s3://BUCKET/PREFIX URL")
+    return LocalStore(Path(location).absolute())  # absolute: workers may run elsewhere
+
+
+def same_location(a: LocalStore | S3Store, b: LocalStore | S3Store) -> bool:
+    if isinstance(a, LocalStore) and isinstance(b, LocalStore):
+        return a.root.resolve() == b.root.resolve()
+    return a.describe() == b.describe()
