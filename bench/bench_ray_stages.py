@@ -12,7 +12,7 @@ the other: the ratios are measured in one run on an otherwise idle machine.
    workers (one CPU, one torch thread each); records compared with the 1-thread run.
 
 Run: .venv/bin/python bench/bench_ray_stages.py [--corrupt-images 16] [--eval-images 8]
-     [--repeats 3] [--backbone lite_medsam] [--skip-evaluate]  (~10 min here)
+     [--repeats 3] [--backbone lite_medsam] [--part both|corrupt|evaluate]  (~15 min here)
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=8)
     parser.add_argument("--backbone", default="lite_medsam")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the corrupt comparison")
-    parser.add_argument("--skip-evaluate", action="store_true")
+    parser.add_argument("--part", choices=("both", "corrupt", "evaluate"), default="both")
     args = parser.parse_args()
     keep_freed_memory()  # as the CLI does (the Ray actors call it themselves)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -143,9 +143,10 @@ def main() -> None:
     connect(None, os.cpu_count() or 1, 256)
     print(f"local Ray cluster ({os.cpu_count()} CPUs) started in {time.perf_counter() - start:.1f} s")
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_dataset(Path(tmp) / "data", args.corrupt_images, 512)
-        bench_corrupt(data, Path(tmp), args.corrupt_images, args.repeats)
-        if not args.skip_evaluate:
+        if args.part in ("both", "corrupt"):
+            data = make_dataset(Path(tmp) / "data", args.corrupt_images, 512)
+            bench_corrupt(data, Path(tmp), args.corrupt_images, args.repeats)
+        if args.part in ("both", "evaluate"):
             few = make_dataset(Path(tmp) / "eval-sources", args.eval_images, 512)
             bench_evaluate(few, Path(tmp), args.backbone)
 

@@ -414,6 +414,15 @@ def test_adapter_folder_and_base_resolve_and_evaluate(
     assert "effective_rank" in build_metrics(result)["summary"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_use_gpu_without_a_gpu_is_a_one_line_config_error(tiny_config: ModelConfig, corrupted: Path) -> None:
+    from gara.config import ConfigError
+
+    config = EvaluateConfig(use_gpu=True)
+    with pytest.raises(ConfigError, match="evaluate.use_gpu: true, but torch sees no CUDA device"):
+        evaluate_models({"base": resolve_model("base", tiny_config)[1]}, corrupted, config, progress=False)
+
+
 def test_bad_specs_name_themselves(tiny_config: ModelConfig, tmp_path: Path) -> None:
     with pytest.raises(ModelSpecError, match="'nowhere/adapter'"):
         resolve_model("nowhere/adapter", tiny_config)

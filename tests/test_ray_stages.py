@@ -98,13 +98,16 @@ def test_corrupt_reads_and_writes_s3_datasets_on_ray(ray_cluster, s3_server, pho
         client.put_object(Bucket=bucket, Key=f"raw/{name}", Body=data)
     params = tmp_path / "params.yaml"
     params.write_text("corrupt:\n  ray_workers: 2\n")
-    result = CliRunner().invoke(app, [
+    command = [
         "corrupt", "--data", f"s3://{bucket}/raw", "--out", f"s3://{bucket}/corrupted", "--types",
         ",".join(CORRUPT["types"]), "--severities", "1,3", "--variants-per-image", "2", "--no-progress",
         "--params", str(params),
-    ])
+    ]
+    result = CliRunner().invoke(app, command)
     assert result.exit_code == 0, result.output
-    assert "12 images (4 sources)" in result.output
+    assert "12 images (4 sources)" in result.output and "written 12, skipped 0" in result.output
+    again = CliRunner().invoke(app, command)  # the records in the bucket say nothing changed
+    assert again.exit_code == 0 and "written 0, skipped 12, removed 0" in again.output, again.output
     listed = client.list_objects_v2(Bucket=bucket, Prefix="corrupted/")["Contents"]
     written = {o["Key"].removeprefix("corrupted/"): client.get_object(Bucket=bucket, Key=o["Key"])["Body"]
                .read() for o in listed}

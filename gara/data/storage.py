@@ -134,9 +134,16 @@ class S3Store:
         _client_for(self.endpoint_url).put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
 
     def delete(self, name: str) -> bool:
-        if self._get(name) is None:
-            return False
-        _client_for(self.endpoint_url).delete_object(Bucket=self.bucket, Key=self._key(name))
+        from botocore.exceptions import ClientError
+
+        client, key = _client_for(self.endpoint_url), self._key(name)
+        try:
+            client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return False
+            raise OSError(f"{self.describe(name)}: {exc}") from exc
+        client.delete_object(Bucket=self.bucket, Key=key)
         return True
 
 

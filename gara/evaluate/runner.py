@@ -40,7 +40,7 @@ from tqdm import tqdm
 from gara import precision
 from gara.allocator import keep_freed_memory
 from gara.cluster import RayWorkers, map_on_actors
-from gara.config import EvaluateConfig, ModelConfig
+from gara.config import ConfigError, EvaluateConfig, ModelConfig
 from gara.data.coco import read_coco
 from gara.data.corrupt import CLEAN
 from gara.data.dataset import InstanceDataset, Sample
@@ -511,7 +511,7 @@ def on_device(models: Mapping[str, Segmenter], use_gpu: bool) -> Mapping[str, Se
     if not use_gpu:
         return models
     if not torch.cuda.is_available():
-        raise RuntimeError("evaluate.use_gpu is true but torch sees no CUDA device here; set it to false")
+        raise ConfigError("evaluate.use_gpu: true, but torch sees no CUDA device here; set it to false")
     return {name: model.to("cuda") for name, model in models.items()}
 
 
