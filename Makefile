@@ -49,6 +49,7 @@ bench: env
 	$(BIN)/python bench/bench_adapters.py
 	$(BIN)/python bench/bench_corruptions.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_ray_stages.py
 	$(BIN)/python bench/bench_allocator.py
 
 lint: env

@@ -111,6 +111,10 @@ def bench_evaluate(data: Path, tmp: Path, backbone: str) -> None:
     seconds["1 thread"], one = _timed("in process, 1 torch thread", images, "img",
                                       lambda: evaluate_models(models, variants, config, progress=False))
     torch.set_num_threads(threads)
+    one_source = config.model_copy(update={"max_images": 1})
+    seconds["start-up"], _ = _timed(f"Ray, 1 worker, 1 source ({n} images)", n, "img",
+                                    lambda: evaluate_on_ray(["base"], model, None, variants, one_source,
+                                                            RayWorkers(1, None, 256), progress=False))
     results = {}
     for count in (1, 2):
         label = f"Ray, {count} worker{'s' if count > 1 else ''}"
@@ -120,6 +124,10 @@ def bench_evaluate(data: Path, tmp: Path, backbone: str) -> None:
                                                 RayWorkers(count, None, 256), progress=False))
     print(f"  Ray 2 vs 1 worker: {seconds['Ray, 1 worker'] / seconds['Ray, 2 workers']:.2f}x   Ray 2 workers "
           f"vs in process ({threads} threads): {seconds['in process'] / seconds['Ray, 2 workers']:.2f}x")
+    per_image = (seconds["Ray, 1 worker"] - seconds["start-up"]) / (images - n)
+    fixed = seconds["start-up"] - n * per_image
+    print(f"  a Ray worker's fixed cost (process, imports, model build, cold first batch): ~{fixed:.1f} s; "
+          f"then {per_image:.2f} s/img (in process, 1 thread: {seconds['1 thread'] / images:.2f} s/img)")
     same = all(r.records.equals(one.records) for r in results.values())
     iou_diff = (full.records["iou"] - one.records["iou"]).abs().max()
     pred_diff = (full.records["predicted_iou"] - one.records["predicted_iou"]).abs().max()
