@@ -171,7 +171,7 @@ class EvaluateConfig(BaseModel):
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     batch_size: int = Field(4, ge=1)  # images per encoder forward (every model shares the batch)
     # Ray actors that score shards of the images (the cluster as for corrupt.ray_workers); 0 = in
-    # this process. Same records either way.
+    # this process. The records equal an in-process run's with one torch thread, an actor's share.
     ray_workers: int = Field(0, ge=0)
     use_gpu: bool = False  # models on a GPU (one per Ray actor)
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)

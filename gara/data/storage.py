@@ -110,16 +110,21 @@ class S3Store:
         root = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         return f"{root}/{name}" if name else root
 
-    def _get(self, name: str) -> bytes | None:
+    def _call(self, name: str, operation: str) -> dict | None:
+        """One S3 call on ``name``'s key; None when there is no such object, OSError otherwise."""
         from botocore.exceptions import ClientError
 
+        client = _client_for(self.endpoint_url)
         try:
-            response = _client_for(self.endpoint_url).get_object(Bucket=self.bucket, Key=self._key(name))
-            return response["Body"].read()
+            return getattr(client, operation)(Bucket=self.bucket, Key=self._key(name))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
             raise OSError(f"{self.describe(name)}: {exc}") from exc
+
+    def _get(self, name: str) -> bytes | None:
+        response = self._call(name, "get_object")
+        return None if response is None else response["Body"].read()
 
     def read_bytes(self, name: str) -> bytes:
         data = self._get(name)
@@ -134,16 +139,9 @@ class S3Store:
         _client_for(self.endpoint_url).put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
 
     def delete(self, name: str) -> bool:
-        from botocore.exceptions import ClientError
-
-        client, key = _client_for(self.endpoint_url), self._key(name)
-        try:
-            client.head_object(Bucket=self.bucket, Key=key)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return False
-            raise OSError(f"{self.describe(name)}: {exc}") from exc
-        client.delete_object(Bucket=self.bucket, Key=key)
+        if self._call(name, "head_object") is None:
+            return False
+        self._call(name, "delete_object")
         return True
 
 
