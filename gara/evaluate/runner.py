@@ -557,6 +557,7 @@ class _RayEvaluator:
     def score(self, shard: _Shard) -> _Scored:
         if self.error is not None:
             raise self.error
+
         def after_batch(_: int) -> None:
             if self.fault and shard.index == self.fault["shard"]:
                 marker = Path(self.fault["marker"])
@@ -593,7 +594,8 @@ def evaluate_on_ray(
 ) -> EvaluationResult:
     """:func:`evaluate_models` on ``ray_workers.count`` Ray actors: the selection is made here,
     cut into shards (:func:`plan_shards`), scored by actors that each build every model once,
-    and merged in selection order, so records, metrics and report equal an in-process run's.
+    and merged in selection order, so records, metrics and report equal those of an in-process
+    run with one torch thread (an actor's share; more threads round float sums differently).
     A worker killed mid-shard is restarted and that shard scored again; a shard counts once."""
     start = time.perf_counter()
     if not specs:
@@ -609,8 +611,7 @@ def evaluate_on_ray(
     overlay_ids = frozenset(selection.overlay_ids)
     shards = [_Shard(k, images, selection.kinds, selection.overlay_kind, overlay_ids)
               for k, images in enumerate(plan_shards(selection.images, config.batch_size, ray_workers.count))]
-    init = (portable, model_config, configured, str(Path(data).absolute()), config,
-            fault)
+    init = (portable, model_config, configured, str(Path(data).absolute()), config, fault)
     bar = tqdm(total=len(selection.images), desc=f"evaluate (Ray x{ray_workers.count})", unit="img",
                disable=not progress)
     try:
