@@ -206,7 +206,7 @@ def corrupt(
     summary = corrupt_dataset(
         data, out, types=section.types, severities=section.severities, seed=section.seed,
         variants_per_image=variants_per_image, workers=workers, progress=progress, balanced=balanced,
-        ray_workers=RayWorkers(section.ray_workers, loaded.train.ray_address, loaded.train.object_store_mb),
+        ray_workers=RayWorkers.configured(section.ray_workers, loaded.train),
     )
     typer.echo(
         f"{summary.out}: {summary.images} images ({summary.source_images} sources), "

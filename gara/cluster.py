@@ -13,7 +13,10 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gara.config import TrainConfig
 
 
 def cluster_address(configured: str | None) -> str | None:
@@ -66,6 +69,11 @@ class RayWorkers:
     count: int
     address: str | None
     object_store_mb: int
+
+    @classmethod
+    def configured(cls, count: int, train: TrainConfig) -> RayWorkers:
+        """``count`` workers on the cluster the params name (train.ray_address, train.object_store_mb)."""
+        return cls(count, train.ray_address, train.object_store_mb)
 
     def session(self):
         return ray_session(self.address, max(1, self.count), self.object_store_mb)

@@ -41,8 +41,8 @@ def s3_client(endpoint_url: str | None = None):
 
 
 @functools.cache
-def _client_for(endpoint_url: str | None):
-    return s3_client(endpoint_url)  # one per process: clients are not picklable, and cost ~50 ms
+def _client():
+    return s3_client()  # one per process: clients are not picklable, and cost ~50 ms
 
 
 def relative_name(name: str, where: str) -> str:
@@ -100,7 +100,6 @@ class LocalStore:
 class S3Store:
     bucket: str
     prefix: str  # no leading or trailing slash; "" = the bucket's root
-    endpoint_url: str | None = None
 
     def _key(self, name: str) -> str:
         name = relative_name(name, self.describe())
@@ -114,9 +113,8 @@ class S3Store:
         """One S3 call on ``name``'s key; None when there is no such object, OSError otherwise."""
         from botocore.exceptions import ClientError
 
-        client = _client_for(self.endpoint_url)
         try:
-            return getattr(client, operation)(Bucket=self.bucket, Key=self._key(name))
+            return getattr(_client(), operation)(Bucket=self.bucket, Key=self._key(name))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
@@ -136,7 +134,7 @@ class S3Store:
         return self._get(name)
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        _client_for(self.endpoint_url).put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
+        _client().put_object(Bucket=self.bucket, Key=self._key(name), Body=data)
 
     def delete(self, name: str) -> bool:
         if self._call(name, "head_object") is None:
@@ -145,14 +143,15 @@ class S3Store:
         return True
 
 
-def open_store(location: str | Path, s3_endpoint_url: str | None = None) -> LocalStore | S3Store:
-    """A dataset location (a folder, or ``s3://BUCKET[/PREFIX]``) -> its store."""
+def open_store(location: str | Path) -> LocalStore | S3Store:
+    """A dataset location (a folder, or ``s3://BUCKET[/PREFIX]``; the endpoint as for every S3
+    client, :func:`s3_client`) -> its store."""
     text = str(location)
     if text.startswith("s3://"):
         parsed = urlparse(text)
         if not parsed.netloc:
             raise ValueError(f"dataset URL {text!r}: expected s3://BUCKET/PREFIX")
-        return S3Store(parsed.netloc, parsed.path.strip("/"), s3_endpoint_url)
+        return S3Store(parsed.netloc, parsed.path.strip("/"))
     if "://" in text:
         raise ValueError(f"dataset location {text!r}: a folder or an s3://BUCKET/PREFIX URL")
     return LocalStore(Path(location).absolute())  # absolute: workers may run elsewhere

@@ -508,9 +508,8 @@ def evaluate_to_report(
 
     config, tracking_uri = params.evaluate, params.train.mlflow.tracking_uri
     if config.ray_workers > 0:
-        ray_workers = RayWorkers(config.ray_workers, params.train.ray_address, params.train.object_store_mb)
-        result = evaluate_on_ray(model_specs, params.model, tracking_uri, config.data, config, ray_workers,
-                                 progress=progress)
+        result = evaluate_on_ray(model_specs, params.model, tracking_uri, config.data, config,
+                                 RayWorkers.configured(config.ray_workers, params.train), progress=progress)
     else:
         models = resolve_models(model_specs, params.model, tracking_uri)
         result = evaluate_models(models, config.data, config, progress=progress)

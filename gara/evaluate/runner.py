@@ -221,6 +221,11 @@ def _download_mlflow(uri: str, spec: str, dst: Path, tracking_uri: str | None) -
     return Path(local)
 
 
+def _no_such_model(spec: str, path: Path) -> ModelSpecError:
+    return ModelSpecError(f"--model {spec!r}: {path} does not exist (expected 'base', an adapter folder, "
+                          "or an MLflow URI models:/NAME@ALIAS, models:/NAME/VERSION, runs:/...)")
+
+
 def resolve_model(
     spec: str, model_config: ModelConfig, tracking_uri: str | None = None
 ) -> tuple[str, Segmenter]:
@@ -253,10 +258,7 @@ def resolve_model(
     else:
         path = Path(target)
         if not path.exists():
-            raise ModelSpecError(
-                f"--model {spec!r}: {path} does not exist (expected 'base', an adapter folder, "
-                "or an MLflow URI models:/NAME@ALIAS, models:/NAME/VERSION, runs:/...)"
-            )
+            raise _no_such_model(spec, path)
         folder = path.parent if path.is_file() and path.name == CONFIG_FILE else path
         if not folder.is_dir():
             raise ModelSpecError(f"--model {spec!r}: {path} is a file, not an adapter folder")
@@ -369,6 +371,7 @@ class _Selection:
     """What to evaluate, decided once in the driver: every image, in order, and which are drawn."""
 
     data: Path
+    dataset: InstanceDataset
     coco: dict[str, Any]
     images: list[ImageInfo]
     kinds: list[PromptKind]
@@ -386,7 +389,7 @@ def _select(data: Path, config: EvaluateConfig) -> _Selection:
     kinds: list[PromptKind] = list(dict.fromkeys(config.prompts.kinds))
     overlay_kind = "box" if "box" in kinds else kinds[0]
     overlay_ids = {i.image_id for i in overlay_choice(selected, config.overlay_images)}
-    return _Selection(data, coco, selected, kinds, overlay_kind, overlay_ids)
+    return _Selection(data, dataset, coco, selected, kinds, overlay_kind, overlay_ids)
 
 
 @dataclass
@@ -404,16 +407,18 @@ class _Scored:
 
 
 class _Scorer:
-    """The models and the dataset, ready to score runs of images in ``config.batch_size`` batches."""
+    """The models and the dataset (loaded and validated once per process: the selection's in
+    process, an actor's own on Ray), ready to score runs of images in batches of
+    ``config.batch_size``."""
 
-    def __init__(self, models: Mapping[str, Segmenter], data: Path, config: EvaluateConfig):
+    def __init__(self, models: Mapping[str, Segmenter], dataset: InstanceDataset, coco: dict[str, Any],
+                 config: EvaluateConfig):
         if not models:
             raise ValueError("evaluate: no models given")
-        self.models, self.config = models, config
-        self.dataset = InstanceDataset(data)
+        self.models, self.config, self.dataset = models, config, dataset
         self.source_ann = {
             a["id"]: a.get("source_annotation_id", a["id"])
-            for a in read_coco(data)["annotations"] if isinstance(a, dict)
+            for a in coco["annotations"] if isinstance(a, dict)
         }
         self.gara_models = [name for name, m in models.items() if has_gara(m)]
         for model in models.values():
@@ -496,7 +501,7 @@ def evaluate_models(
     """Every model on the selected images of ``data``, in this process (see the module docstring)."""
     start = time.perf_counter()
     selection = _select(Path(data), config)
-    scorer = _Scorer(on_device(models, config.use_gpu), selection.data, config)
+    scorer = _Scorer(on_device(models, config.use_gpu), selection.dataset, selection.coco, config)
     bar = tqdm(total=len(selection.images), desc="evaluate", unit="img", disable=not progress)
     try:
         scored = scorer.score(selection.images, selection.kinds, selection.overlay_kind,
@@ -550,7 +555,8 @@ class _RayEvaluator:
         self.fault, self.error = fault, None
         try:
             models = resolve_models(specs, model_config, tracking_uri)
-            self.scorer = _Scorer(on_device(models, config.use_gpu), Path(data), config)
+            self.scorer = _Scorer(on_device(models, config.use_gpu), InstanceDataset(data), read_coco(data),
+                                  config)
         except Exception as exc:  # noqa: BLE001 - raised by score(): as itself, and never retried
             self.error = exc
 
@@ -577,8 +583,7 @@ def _portable_spec(spec: str) -> str:
         return spec
     path = Path(target).absolute()
     if not path.exists():
-        raise ModelSpecError(f"--model {spec!r}: {path} does not exist (expected 'base', an adapter folder, "
-                             "or an MLflow URI models:/NAME@ALIAS, models:/NAME/VERSION, runs:/...)")
+        raise _no_such_model(spec, path)
     return f"{name}={path}" if name else str(path)
 
 
