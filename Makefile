@@ -36,12 +36,20 @@ run: env
 	$(BIN)/dvc repro
 	$(BIN)/dvc status dvc.yaml data.dvc
 
+# The demo page test drives Debian's Chromium through Playwright (which downloads no browser):
+# installed from Debian's packages when missing (root, or sudo).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+$(CHROMIUM):
+	$(SUDO) apt-get install -y -qq chromium > /dev/null || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium > /dev/null)
+
 # Whole modules per worker, one worker per core (at most 4: each holds its own servers):
 # most of the suite waits on servers and subprocesses (2 workers: 18:42 where 1 took 27:53,
 # README). TEST_WORKERS=0 runs it in this one process.
 TEST_WORKERS ?= auto
 # The sample data (in-repo DVC store, no network) lets the tests check the committed dataset.
-test: env
+test: env $(CHROMIUM)
 	$(BIN)/dvc pull -q data.dvc
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile --no-loadscope-reorder
 

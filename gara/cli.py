@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from gara.demo import DEFAULT_SAMPLES
 from gara.errors import USER_ERRORS
 
 
@@ -384,21 +385,12 @@ def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
 
 def _pyfunc(params: Path | None, sets: list[str], model: str | None):
     """The model a predict command runs (default: the registry's champion), loaded once."""
-    import mlflow.pyfunc
-    from mlflow.exceptions import MlflowException
+    from gara.registry.pull import load_pyfunc
 
-    from gara.registry.store import registry_uri
-    from gara.tracking import active_store, redact_uri
-
-    loaded = _load(params, sets)
-    uri = model or f"models:/{loaded.registry.name}@champion"
-    store = registry_uri(loaded)
-    with active_store(store):
-        try:
-            return mlflow.pyfunc.load_model(uri)
-        except MlflowException as exc:
-            raise ValueError(
-                f"--model {uri}: cannot load it from {redact_uri(store)}: {exc.message}") from None
+    try:
+        return load_pyfunc(_load(params, sets), model)
+    except ValueError as exc:
+        raise ValueError(f"--model {exc}") from None
 
 
 def _prompts(box: list[str], point: list[str]):
@@ -454,6 +446,30 @@ def predict_command(
     results = batch.predict_items(_pyfunc(params, set_, model), items, progress=progress)
     target = atomic_write_json(out or Path("results.json"), results)
     typer.echo(f"wrote {target}: {len(results)} masks on {len(items)} images")
+
+
+@app.command("demo")
+def demo_command(
+    model: list[str] = typer.Option([], help="A model to show beside the frozen base: models:/NAME@ALIAS, "
+                                    "models:/NAME/VERSION, runs:/... or a model folder; repeat for several "
+                                    "(default: models:/<registry.name>@champion)."),
+    data: Path | None = typer.Option(None, help="Dataset folder whose images (with ground truth) the page "
+                                     f"offers as samples (default: {DEFAULT_SAMPLES})."),
+    port: int = typer.Option(8765, min=1, max=65535, help="Port on 127.0.0.1."),
+    params: Path | None = _params_option(),
+    set_: list[str] = _set_option(),
+) -> None:
+    """A web page on 127.0.0.1: pick a sample or upload a photo, corrupt it with our generator, draw
+    a box or click points, and see the frozen base and each model side by side (predicted IoU,
+    effective rank per block, IoU against ground truth on dataset images)."""
+    from gara.demo.server import serve
+    from gara.demo.session import DemoSession
+    from gara.registry.pull import champion_uri
+
+    loaded = _load(params, set_)
+    session = DemoSession.open(loaded, model or [champion_uri(loaded)], data or Path(DEFAULT_SAMPLES),
+                               data_is_default=data is None)
+    serve(session, port)
 
 
 def _one_request(image: Path, box: list[str], point: list[str]):

@@ -71,12 +71,17 @@ class AnnotatedImages:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _load(self, index: int) -> tuple[dict[str, Any], np.ndarray, list[dict[str, Any]]]:
-        """(entry, RGB image, annotations) of sample ``index``."""
+    def entry(self, index: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """(image entry, annotations) of sample ``index``, without decoding the image."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples in {self.root}")
         entry = self._entries[index]
-        return entry, read_entry_image(self.root, entry), self._annotations[entry["id"]]
+        return entry, self._annotations[entry["id"]]
+
+    def _load(self, index: int) -> tuple[dict[str, Any], np.ndarray, list[dict[str, Any]]]:
+        """(entry, RGB image, annotations) of sample ``index``."""
+        entry, anns = self.entry(index)
+        return entry, read_entry_image(self.root, entry), anns
 
 
 def read_entry_image(root: Path, entry: dict[str, Any]) -> np.ndarray:

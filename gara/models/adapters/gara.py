@@ -113,11 +113,12 @@ class GaRALinear(LowRankAdapterLinear):
 def effective_ranks(model: nn.Module, batch_size: int) -> dict[str, torch.Tensor]:
     """Active components per image (mean over its attention inputs), per GaRA layer.
 
-    Call after a forward of ``batch_size`` images; returns {layer name: (batch_size,)}.
+    Call after a forward of ``batch_size`` images; returns {layer name: (batch_size,)}. A layer
+    switched off (``adapter_enabled``) ran only its base and keeps a stale ``last_active``.
     """
     ranks = {}
     for name, module in model.named_modules():
-        if isinstance(module, GaRALinear) and module.last_active is not None:
+        if isinstance(module, GaRALinear) and module.adapter_enabled and module.last_active is not None:
             active = module.last_active.float()
             if active.numel() % batch_size:
                 raise ValueError(

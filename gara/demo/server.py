@@ -1,0 +1,142 @@
+"""The demo's HTTP side: one page and a small JSON API over a :class:`DemoSession`.
+
+FastAPI + uvicorn (already in the lock through Prefect and MLflow) rather than Gradio: no
+second web stack, no fonts or analytics fetched from the internet, and a box drawn by dragging,
+which Gradio's image component does not offer. Every error a user can cause is HTTP 400 with
+``{"error": "<one line>"}``, which the page shows; anything else is logged with its traceback and
+answered 500 with a short line.
+
+API (what :class:`gara.demo.client.DemoClient` calls)::
+
+    GET  /                       the page
+    GET  /api/health             {"ok": true}
+    GET  /api/info               columns (with load errors), corruptions, severities, samples
+    GET  /api/pictures/{id}.png  ?corruption=fog&severity=3: the picture as the models see it
+    POST /api/uploads            {"name", "data": base64} -> {"id", "width", "height"}
+    POST /api/segment            {"picture", "corruption", "severity", "box", "points",
+                                  "point_labels", "annotation_id"} -> every column's answer,
+                                  masks as base64 PNGs (0 / 255)
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+from importlib import resources
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from gara.demo.session import CLEAN, MAX_UPLOAD_PIXELS, DemoError, DemoSession
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"  # the page has no authentication: it listens on this machine only
+MAX_UPLOAD_BYTES = 48 * 1024 * 1024
+
+
+class UploadBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("upload", max_length=255)
+    data: str  # base64 of the file's bytes
+
+
+class SegmentBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    picture: str
+    corruption: str = CLEAN
+    severity: int = 3
+    box: list[float] | None = Field(None, min_length=4, max_length=4)
+    points: list[list[float]] | None = None
+    point_labels: list[int] | None = None
+    annotation_id: int | None = None
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def mask_png(mask: np.ndarray | None) -> str | None:
+    return None if mask is None else base64.b64encode(png_bytes(mask.astype(np.uint8) * 255)).decode()
+
+
+def create_app(session: DemoSession):
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+    app = FastAPI(title="GaRA-SAM demo", docs_url=None, redoc_url=None, openapi_url=None)
+    page = resources.files("gara.demo").joinpath("page.html").read_text(encoding="utf-8")
+
+    @app.exception_handler(DemoError)
+    async def _user_error(request: Request, exc: DemoError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where or 'request'}: {first.get('msg', 'invalid')}"
+        return JSONResponse({"error": message}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.error("demo: %s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"},
+                            status_code=500)
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return page
+
+    @app.get("/api/health")
+    def health() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/api/info")
+    def info() -> dict[str, Any]:
+        return session.describe()
+
+    @app.get("/api/pictures/{picture_id}.png")
+    def picture(picture_id: str, corruption: str = CLEAN, severity: int = 3) -> Response:
+        view = session.view(session.picture(picture_id), corruption, severity)
+        return Response(png_bytes(view.image), media_type="image/png",
+                        headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.post("/api/uploads")
+    def upload(body: UploadBody) -> dict[str, Any]:
+        if len(body.data) > MAX_UPLOAD_BYTES * 4 // 3 + 4:
+            raise DemoError(f"{body.name}: over {MAX_UPLOAD_BYTES // 2**20} MB; downscale it first")
+        try:
+            data = base64.b64decode(body.data, validate=True)
+        except (binascii.Error, ValueError):
+            raise DemoError(f"{body.name}: data is not base64") from None
+        added = session.add_upload(data, body.name)
+        height, width = added.image.shape[:2]
+        return {"id": added.id, "width": width, "height": height}
+
+    @app.post("/api/segment")
+    def segment(body: SegmentBody) -> dict[str, Any]:
+        result = session.segment(body.picture, body.corruption, body.severity, body.box, body.points,
+                                 body.point_labels, body.annotation_id)
+        for column in result["columns"]:
+            column["mask_png"] = mask_png(column.pop("mask"))
+        return result
+
+    return app
+
+
+def serve(session: DemoSession, port: int) -> None:
+    """Run the page on 127.0.0.1 until interrupted (Ctrl-C stops it cleanly)."""
+    import uvicorn
+
+    print(f"GaRA-SAM demo on http://{HOST}:{port}/ (uploads up to {MAX_UPLOAD_PIXELS:,} pixels; "
+          "Ctrl-C stops it)", flush=True)
+    uvicorn.run(create_app(session), host=HOST, port=port, log_level="warning")

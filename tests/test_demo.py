@@ -1,0 +1,201 @@
+"""``gara demo`` as a team deciding on a champion uses it: a real server on 127.0.0.1 over a
+registered champion (real LiteMedSAM weights, a GaRA adapter), its API through the client
+library, and the page in a real headless Chromium. Each answer is checked against the models
+run in this process without the demo, the registry or the page."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from gara.config import AdapterConfig, ModelConfig, parse_params
+from gara.data.corruptions import apply_corruption
+from gara.data.dataset import InstanceDataset
+from gara.demo.client import DemoClient
+from gara.demo.screenshot import page_at, segment_annotation
+from gara.demo.session import MAX_UPLOAD_PIXELS, DemoError
+from gara.evaluate.metrics import mask_iou
+from gara.models.adapter_io import load_adapted_segmenter, read_manifest, save_adapter
+from gara.models.factory import build_segmenter
+from gara.models.inject import adapter_state_dict
+from gara.models.segmenter import Prompts
+from gara.registry.promote import promote
+from gara.registry.register import register
+from tests.conftest import free_port, running_server
+from tests.test_registry import write_gate_report
+
+pytestmark = pytest.mark.slow
+
+NAME = "demo"
+SAMPLES = Path("data/val")
+SAMPLE_ID, SAMPLE_FILE = "sample-1", "images/000001.jpg"
+ANNOTATION = 8  # a large object on that photo
+MISSING = "models:/not-registered@champion"
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory) -> dict:
+    """A GaRA adapter on LiteMedSAM (weights perturbed so it answers differently from the base),
+    registered and promoted in a SQLite store; the params file that names that store."""
+    root = tmp_path_factory.mktemp("demo")
+    raw = {"model": {"backbone": "lite_medsam",
+                     "adapter": AdapterConfig(kind="gara", low_rank=4, high_rank=8).model_dump()},
+           "train": {"mlflow": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "experiment": NAME}},
+           "registry": {"name": NAME}}
+    params = parse_params(raw)
+    segmenter = build_segmenter(ModelConfig.model_validate(raw["model"]))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for tensor in adapter_state_dict(segmenter).values():
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.05)
+    adapter = save_adapter(segmenter, root / "adapter")
+    version = register(params, adapter, write_gate_report(root / "report", adapter, 60.0, 71.0)).version
+    assert promote(params, version).promoted
+    (root / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return {"params": root / "params.yaml", "adapter": adapter, "root": root}
+
+
+@pytest.fixture(scope="module")
+def demo_url(champion) -> str:
+    """``gara demo`` with the champion (the default spec) and a spec that cannot load."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "gara.cli", "demo", "--params", str(champion["params"]), "--port", str(port),
+           "--model", f"models:/{NAME}@champion", "--model", MISSING]
+    health = f"http://127.0.0.1:{port}/api/health"
+    with running_server(cmd, health, champion["root"] / "demo.log", timeout=180):
+        yield f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture
+def client(demo_url) -> DemoClient:
+    with DemoClient(demo_url) as c:
+        yield c
+
+
+def in_process(adapter: Path, image: np.ndarray, prompts: Prompts) -> dict[str, tuple]:
+    """The reference: the frozen base built from the backbone, and the adapter folder, in this process."""
+    base = build_segmenter(ModelConfig(backbone="lite_medsam"), with_adapter=False).eval()
+    adapted = load_adapted_segmenter(adapter).eval()
+    with torch.inference_mode():
+        return {"base": base.predict(image, prompts), "model": adapted.predict(image, prompts)}
+
+
+def sample(file_name: str) -> dict:
+    dataset = InstanceDataset(SAMPLES)
+    return dataset[[dataset.entry(i)[0]["file_name"] for i in range(len(dataset))].index(file_name)]
+
+
+def ground_truth_box() -> list[float]:
+    truth = sample(SAMPLE_FILE)
+    return truth["boxes"][list(truth["ann_ids"]).index(ANNOTATION)].tolist()
+
+
+def test_the_api_answers_as_the_models_do_in_process(client, champion):
+    info = client.info()
+    names = [c["name"] for c in info["columns"]]
+    assert names == ["frozen base (lite_medsam)", f"models:/{NAME}@champion", MISSING]
+    assert [c["error"] is None for c in info["columns"]] == [True, True, False]
+    assert MISSING in info["columns"][2]["error"] and "not found" in info["columns"][2]["error"]
+    assert len(info["samples"]) == 32 and "fog" in [c["name"] for c in info["corruptions"]]
+
+    truth = sample(SAMPLE_FILE)
+    fogged, gt = apply_corruption(truth["image"], "fog", 4, seed=0, masks=truth["masks"], key=SAMPLE_FILE)
+    np.testing.assert_array_equal(client.picture(SAMPLE_ID, "fog", 4), fogged)  # what the models see
+
+    k = list(truth["ann_ids"]).index(ANNOTATION)
+    box = ground_truth_box()
+    answer = client.segment(SAMPLE_ID, box=box, corruption="fog", severity=4, annotation_id=ANNOTATION)
+    expected = in_process(champion["adapter"], fogged, Prompts(boxes=torch.tensor([box])))
+    base, model, missing = answer["columns"]
+    assert answer["annotation"]["id"] == ANNOTATION
+    for column, (masks, scores) in ((base, expected["base"]), (model, expected["model"])):
+        np.testing.assert_array_equal(column["mask"], masks[0])
+        assert column["predicted_iou"] == pytest.approx(float(scores[0]), abs=1e-6)
+        assert column["iou"] == pytest.approx(mask_iou(masks[0], gt[k]))
+    assert not np.array_equal(base["mask"], model["mask"])  # the adapter changes the answer
+    blocks = len(read_manifest(champion["adapter"]).adapted_layers)  # LiteMedSAM's TinyViT: 10
+    assert base["effective_rank"] == {} and len(model["effective_rank"]) == blocks
+    assert missing["mask"] is None and MISSING in missing["error"]
+
+
+def test_an_upload_with_points_answers_as_in_process(client, champion):
+    """A photo in stored orientation with EXIF orientation 6 is used upright, as displayed."""
+    truth = sample(SAMPLE_FILE)
+    upright = truth["image"]
+    stored = np.ascontiguousarray(np.rot90(upright, k=1))  # orientation 6: displayed = rotated 90 clockwise
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(buffer, format="PNG", exif=exif)
+    added = client.upload(buffer.getvalue(), "rotated.png")
+    assert (added["height"], added["width"]) == upright.shape[:2]
+
+    points, labels = [[180.0, 150.0], [30.0, 30.0]], [1, 0]
+    answer = client.segment(added["id"], points=points, point_labels=labels, corruption="gaussian_noise",
+                            severity=2)
+    noisy, _ = apply_corruption(upright, "gaussian_noise", 2, seed=0, key=added["id"])
+    expected = in_process(champion["adapter"], noisy, Prompts(points=torch.tensor([points]),
+                                                               labels=torch.tensor([labels])))
+    for column, key in zip(answer["columns"][:2], ("base", "model"), strict=True):
+        np.testing.assert_array_equal(column["mask"], expected[key][0][0])
+        assert column["iou"] is None  # an upload has no ground truth
+    assert answer["annotation"] is None
+
+
+def test_bad_requests_are_one_line_errors(client):
+    with pytest.raises(DemoError, match=r"^broken.png: not a readable image"):
+        client.upload(b"\x89PNG\r\n\x1a\n not really", "broken.png")
+    with pytest.raises(DemoError, match=r"^empty.jpg: the file is empty$"):
+        client.upload(b"", "empty.jpg")
+    side = int(MAX_UPLOAD_PIXELS ** 0.5) + 1
+    huge = io.BytesIO()
+    Image.new("L", (side, side)).save(huge, format="PNG")  # a few KB that decode to 16.8 MP
+    with pytest.raises(DemoError, match=rf"^huge.png: {side}x{side} is over the demo's limit"):
+        client.upload(huge.getvalue(), "huge.png")
+    with pytest.raises(DemoError, match=r"^box 0 \[10.0, 10.0, 500.0, 30.0\] is empty or outside the 320x"):
+        client.segment(SAMPLE_ID, box=[10, 10, 500, 30])
+    with pytest.raises(DemoError, match=r"^unknown corruption type 'smoke'"):
+        client.segment(SAMPLE_ID, box=[10, 10, 50, 30], corruption="smoke")
+    with pytest.raises(DemoError, match=r"^annotation 999 is not on images/000001.jpg"):
+        client.segment(SAMPLE_ID, box=[10, 10, 50, 30], annotation_id=999)
+    with pytest.raises(DemoError, match=r"^draw a box or click a point first$"):
+        client.segment(SAMPLE_ID)
+    with pytest.raises(DemoError, match=r"^no sample image 'sample-999'$"):
+        client.segment("sample-999", box=[10, 10, 50, 30])
+    with pytest.raises(DemoError, match=r"^box: List should have at least 4 items"):
+        client.segment(SAMPLE_ID, box=[10, 10, 50])
+
+
+def test_chromium_shows_the_controls_and_both_masks(demo_url, client, champion, tmp_path):
+    with page_at(demo_url) as page:
+        for control in ("#sample", "#upload", "#corruption", "#severity", "#annotation", "#segment",
+                        "#clear", "#input-canvas", "input[name=mode][value=box]"):
+            assert page.locator(control).is_visible(), control
+        assert page.locator("#error").is_visible()  # the model that cannot load, named on the page
+        assert MISSING in page.locator("#error").inner_text()
+
+        segment_annotation(page, ANNOTATION, "fog", 4)
+        shown = page.locator("#results .column .predicted-iou").all_inner_texts()
+        api = client.segment(SAMPLE_ID, box=ground_truth_box(), corruption="fog", severity=4,
+                             annotation_id=ANNOTATION)
+        assert shown == [f"{100 * c['predicted_iou']:.1f}" for c in api["columns"][:2]]
+        blocks = len(read_manifest(champion["adapter"]).adapted_layers)
+        assert page.locator("#results .column .ranks .row").count() == blocks  # the champion's only
+
+        page.set_input_files("#upload", files=[{"name": "notes.png", "mimeType": "image/png",
+                                                "buffer": b"not an image"}])
+        page.wait_for_function("document.getElementById('error').textContent.includes('notes.png')")
+        assert "not a readable image" in page.locator("#error").inner_text()
+
+        shot = tmp_path / "demo.png"
+        page.screenshot(path=str(shot), full_page=True)
+    image = np.asarray(Image.open(shot).convert("RGB"))
+    assert image.shape[1] == 1500 and image.shape[0] >= 600
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 1000  # photos and masks, not a blank page
