@@ -115,6 +115,7 @@ def test_the_api_answers_as_the_models_do_in_process(client, champion):
     expected = in_process(champion["adapter"], fogged, Prompts(boxes=torch.tensor([box])))
     base, model, missing = answer["columns"]
     assert answer["annotation"]["id"] == ANNOTATION
+    np.testing.assert_array_equal(answer["annotation"]["mask"], gt[k])  # the truth, fogged as the image
     for column, (masks, scores) in ((base, expected["base"]), (model, expected["model"])):
         np.testing.assert_array_equal(column["mask"], masks[0])
         assert column["predicted_iou"] == pytest.approx(float(scores[0]), abs=1e-6)
@@ -165,6 +166,11 @@ def test_bad_requests_are_one_line_errors(client):
         client.segment(SAMPLE_ID, box=[10, 10, 50, 30], corruption="smoke")
     with pytest.raises(DemoError, match=r"^annotation 999 is not on images/000001.jpg"):
         client.segment(SAMPLE_ID, box=[10, 10, 50, 30], annotation_id=999)
+    plain = io.BytesIO()
+    Image.new("RGB", (64, 48), "gray").save(plain, format="PNG")
+    upload = client.upload(plain.getvalue(), "plain.png")["id"]
+    with pytest.raises(DemoError, match=rf"^annotation 1 is not on {upload}; its annotations: \[\]$"):
+        client.segment(upload, box=[1, 1, 30, 30], annotation_id=1)  # an upload has no ground truth
     with pytest.raises(DemoError, match=r"^draw a box or click a point first$"):
         client.segment(SAMPLE_ID)
     with pytest.raises(DemoError, match=r"^no sample image 'sample-999'$"):

@@ -69,11 +69,11 @@ class DemoClient:
                 point_labels: list[int] | None = None, corruption: str = CLEAN, severity: int = 3,
                 annotation_id: int | None = None) -> dict[str, Any]:
         """Every column's answer for one object; each column's ``mask`` is (H, W) bool (None
-        when the column has an ``error``)."""
+        when the column has an ``error``), and so is the ``annotation`` it is scored on."""
         body = {"picture": picture, "box": box, "points": points, "point_labels": point_labels,
                 "corruption": corruption, "severity": severity, "annotation_id": annotation_id}
         result = self._answer(self._http.post("/api/segment", json=body))
-        for column in result["columns"]:
-            png = column.pop("mask_png")
-            column["mask"] = None if png is None else _png_array(base64.b64decode(png)) > 0
+        for item in [*result["columns"], *([result["annotation"]] if result["annotation"] else [])]:
+            png = item.pop("mask_png")
+            item["mask"] = None if png is None else _png_array(base64.b64decode(png)) > 0
         return result

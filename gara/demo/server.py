@@ -14,8 +14,9 @@ API (what :class:`gara.demo.client.DemoClient` calls)::
     GET  /api/pictures/{id}.png  ?corruption=fog&severity=3: the picture as the models see it
     POST /api/uploads            {"name", "data": base64} -> {"id", "width", "height"}
     POST /api/segment            {"picture", "corruption", "severity", "box", "points",
-                                  "point_labels", "annotation_id"} -> every column's answer,
-                                  masks as base64 PNGs (0 / 255)
+                                  "point_labels", "annotation_id"} -> every column's answer
+                                  and the ground truth it is scored on, masks as base64
+                                  PNGs (0 / 255)
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ def create_app(session: DemoSession):
                                  body.point_labels, body.annotation_id)
         for column in result["columns"]:
             column["mask_png"] = mask_png(column.pop("mask"))
+        if result["annotation"] is not None:
+            result["annotation"]["mask_png"] = mask_png(result["annotation"].pop("mask"))
         return result
 
     return app

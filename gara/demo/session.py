@@ -287,7 +287,8 @@ class DemoSession:
                         "height": int(view.image.shape[0]), "corruption": corruption,
                         "severity": None if corruption == CLEAN else severity},
             "annotation": None if target is None else {
-                "id": view.gt_ids[target[0]], "label": view.gt_labels[target[0]], "how": target[1]},
+                "id": view.gt_ids[target[0]], "label": view.gt_labels[target[0]], "how": target[1],
+                "mask": view.gt_masks[target[0]]},
             "columns": results,
         }
 
@@ -316,13 +317,13 @@ class DemoSession:
     def _target(view: Picture, box, points, point_labels, annotation_id) -> tuple[int, str] | None:
         """Which ground-truth instance the prompts mean: the one chosen, else the best box match
         (box IoU >= 0.5), else the smallest instance under the first foreground point."""
-        if view.gt_masks is None or not len(view.gt_ids):
-            return None
         if annotation_id is not None:
             if annotation_id not in view.gt_ids:
                 raise DemoError(f"annotation {annotation_id} is not on {view.name}; its annotations: "
                                 f"{list(view.gt_ids)}")
             return view.gt_ids.index(annotation_id), "chosen"
+        if view.gt_masks is None or not len(view.gt_ids):
+            return None
         if box is not None:
             from gara.data.coco import mask_bbox
 
