@@ -8,7 +8,6 @@ from pathlib import Path
 
 import typer
 
-from gara.demo import DEFAULT_SAMPLES
 from gara.errors import USER_ERRORS
 
 
@@ -387,8 +386,9 @@ def _pyfunc(params: Path | None, sets: list[str], model: str | None):
     """The model a predict command runs (default: the registry's champion), loaded once."""
     from gara.registry.pull import load_pyfunc
 
+    loaded = _load(params, sets)  # a bad params file reports itself, not as a --model error
     try:
-        return load_pyfunc(_load(params, sets), model)
+        return load_pyfunc(loaded, model)
     except ValueError as exc:
         raise ValueError(f"--model {exc}") from None
 
@@ -454,7 +454,7 @@ def demo_command(
                                     "models:/NAME/VERSION, runs:/... or a model folder; repeat for several "
                                     "(default: models:/<registry.name>@champion)."),
     data: Path | None = typer.Option(None, help="Dataset folder whose images (with ground truth) the page "
-                                     f"offers as samples (default: {DEFAULT_SAMPLES})."),
+                                     "offers as samples (default: data/val, the embedded held-out split)."),
     port: int = typer.Option(8765, min=1, max=65535, help="Port on 127.0.0.1."),
     params: Path | None = _params_option(),
     set_: list[str] = _set_option(),
@@ -467,8 +467,7 @@ def demo_command(
     from gara.registry.pull import champion_uri
 
     loaded = _load(params, set_)
-    session = DemoSession.open(loaded, model or [champion_uri(loaded)], data or Path(DEFAULT_SAMPLES),
-                               data_is_default=data is None)
+    session = DemoSession.open(loaded, model or [champion_uri(loaded)], data)
     serve(session, port)
 
 

@@ -20,7 +20,7 @@ from gara.data.corruptions import apply_corruption
 from gara.data.dataset import InstanceDataset
 from gara.demo.client import DemoClient
 from gara.demo.screenshot import page_at, segment_annotation
-from gara.demo.session import MAX_UPLOAD_PIXELS, DemoError
+from gara.demo.session import DEFAULT_SAMPLES, MAX_UPLOAD_PIXELS, DemoError
 from gara.evaluate.metrics import mask_iou
 from gara.models.adapter_io import load_adapted_segmenter, read_manifest, save_adapter
 from gara.models.factory import build_segmenter
@@ -195,6 +195,20 @@ def test_chromium_shows_the_controls_and_both_masks(demo_url, client, champion, 
         blocks = len(read_manifest(champion["adapter"]).adapted_layers)
         assert page.locator("#results .column .ranks .row").count() == blocks  # the champion's only
 
+        # A box dragged with the mouse around object 8 (shown at scale 1: 320x240), whose own
+        # box is [166, 79, 295, 225]: the page scores it on that object.
+        done = int(page.locator("#results").get_attribute("data-done"))
+        page.click("#clear")
+        canvas = page.locator("#input-canvas").bounding_box()
+        page.mouse.move(canvas["x"] + 170, canvas["y"] + 80)
+        page.mouse.down()
+        page.mouse.move(canvas["x"] + 290, canvas["y"] + 220, steps=5)
+        page.mouse.up()
+        page.wait_for_function(f"Number(document.getElementById('results').dataset.done) > {done}")
+        assert page.locator("#results .column .predicted-iou").count() == 2
+        status = page.locator("#status").inner_text()
+        assert f"ground truth #{ANNOTATION} hanes_socks (matched by box" in status
+
         page.set_input_files("#upload", files=[{"name": "notes.png", "mimeType": "image/png",
                                                 "buffer": b"not an image"}])
         page.wait_for_function("document.getElementById('error').textContent.includes('notes.png')")
@@ -205,3 +219,17 @@ def test_chromium_shows_the_controls_and_both_masks(demo_url, client, champion, 
     image = np.asarray(Image.open(shot).convert("RGB"))
     assert image.shape[1] == 1500 and image.shape[0] >= 600
     assert len(np.unique(image.reshape(-1, 3), axis=0)) > 1000  # photos and masks, not a blank page
+
+
+def test_the_command_names_its_default_samples_and_refuses_a_folder_without_annotations(tmp_path):
+    from typer.testing import CliRunner
+
+    from gara.cli import app
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["demo", "--help"], env={"COLUMNS": "200"}).output
+    assert f"(default: {DEFAULT_SAMPLES}, the embedded held-out split)" in shown
+    result = runner.invoke(app, ["demo", "--data", str(tmp_path)])
+    assert result.exit_code == 2
+    expected = f"error: --data {tmp_path}: no annotations.json there; give a dataset folder"
+    assert result.output.strip() == expected

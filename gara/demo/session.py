@@ -35,6 +35,8 @@ CLEAN = "clean"  # the corruption value that leaves the picture as it is
 MAX_UPLOAD_PIXELS = 4096 * 4096  # checked from the header, before any pixel is decoded
 MAX_UPLOADS = 32  # uploads kept in memory; the least recently used goes first
 SAMPLE_PREFIX, UPLOAD_PREFIX = "sample-", "upload-"
+# The embedded held-out split (the corrupt stage's input in dvc.yaml): real photos with ground truth.
+DEFAULT_SAMPLES = "data/val"
 
 
 class DemoError(ValueError):
@@ -198,14 +200,16 @@ class DemoSession:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, params: Params, specs: list[str], data: Path | None, data_is_default: bool) -> DemoSession:
+    def open(cls, params: Params, specs: list[str], data: Path | None = None) -> DemoSession:
+        """Samples from ``data`` (None: DEFAULT_SAMPLES, or none with a note when it is absent)."""
         samples, note = None, ""
-        if data is not None and (data / "annotations.json").is_file():
-            samples = SampleSet(data)
-        elif data is not None and not data_is_default:
-            raise DemoError(f"--data {data}: no annotations.json there; give a dataset folder")
+        folder = Path(DEFAULT_SAMPLES) if data is None else data
+        if (folder / "annotations.json").is_file():
+            samples = SampleSet(folder)
         elif data is not None:
-            note = f"no samples: {data} is missing (`dvc pull data.dvc` fetches it); upload a photo instead"
+            raise DemoError(f"--data {data}: no annotations.json there; give a dataset folder")
+        else:
+            note = f"no samples: {folder} is missing (`dvc pull data.dvc` fetches it); upload a photo instead"
         return cls(load_columns(params, specs), samples, params.corrupt.seed, note)
 
     # -- what the page lists -------------------------------------------------------------
