@@ -216,9 +216,14 @@ def test_chromium_shows_the_controls_and_both_masks(demo_url, client, champion, 
 
         shot = tmp_path / "demo.png"
         page.screenshot(path=str(shot), full_page=True)
+        button = page.locator("#segment").bounding_box()
     image = np.asarray(Image.open(shot).convert("RGB"))
     assert image.shape[1] == 1500 and image.shape[0] >= 600
     assert len(np.unique(image.reshape(-1, 3), axis=0)) > 1000  # photos and masks, not a blank page
+    x, y, w, h = (int(round(button[k])) for k in ("x", "y", "width", "height"))
+    pixels = image[y:y + h, x:x + w].reshape(-1, 3).astype(int)
+    blue = np.abs(pixels - [0x24, 0x57, 0xC5]).sum(axis=1) < 30  # the Segment button, where the DOM puts it
+    assert blue.mean() > 0.5
 
 
 def test_the_command_names_its_default_samples_and_refuses_a_folder_without_annotations(tmp_path):
