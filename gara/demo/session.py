@@ -48,7 +48,7 @@ class Picture:
     """An image the page can segment, with its ground truth when it comes from a dataset."""
 
     id: str
-    name: str  # the dataset's file_name, or the upload's name: also the corruption's noise key
+    name: str  # the dataset's file_name, or an upload's id (its pixels' hash): the corruption's noise key
     image: np.ndarray  # (H, W, 3) uint8 RGB
     gt_masks: np.ndarray | None = None  # (K, H, W) bool
     gt_ids: tuple[int, ...] = ()
