@@ -36,11 +36,13 @@ run: env
 	$(BIN)/dvc repro
 	$(BIN)/dvc status dvc.yaml data.dvc
 
-# The demo page test drives Debian's Chromium through Playwright (which downloads no browser):
-# installed from Debian's packages when missing (root, or sudo).
-CHROMIUM := /usr/bin/chromium
+# The demo page test drives Chromium through Playwright (which downloads no browser): Debian's
+# package, installed when missing (root, or sudo), or the binary GARA_CHROMIUM names.
+CHROMIUM := $(or $(GARA_CHROMIUM),/usr/bin/chromium)
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 $(CHROMIUM):
+	@command -v apt-get > /dev/null || { echo "no $(CHROMIUM) and no apt-get: install Chromium" \
+	  "and set GARA_CHROMIUM to its binary (the demo page test drives it)"; exit 1; }
 	$(SUDO) apt-get install -y -qq chromium > /dev/null || \
 	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium > /dev/null)
 

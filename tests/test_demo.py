@@ -6,7 +6,10 @@ run in this process without the demo, the registry or the page."""
 from __future__ import annotations
 
 import io
+import socket
+import struct
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ import yaml
 from PIL import Image
 
 from gara.config import AdapterConfig, ModelConfig, parse_params
+from gara.data.coco import mask_bbox
 from gara.data.corruptions import apply_corruption
 from gara.data.dataset import InstanceDataset
 from gara.demo.client import DemoClient
@@ -23,11 +27,13 @@ from gara.demo.screenshot import page_at, segment_annotation
 from gara.demo.session import DEFAULT_SAMPLES, MAX_UPLOAD_PIXELS, DemoError
 from gara.evaluate.metrics import mask_iou
 from gara.models.adapter_io import load_adapted_segmenter, read_manifest, save_adapter
+from gara.models.adapters.gara import effective_ranks
 from gara.models.factory import build_segmenter
-from gara.models.inject import adapter_state_dict
+from gara.models.inject import adapter_layers, adapter_state_dict
 from gara.models.segmenter import Prompts
 from gara.registry.promote import promote
 from gara.registry.register import register
+from gara.train.loop import block_name
 from tests.conftest import free_port, running_server
 from tests.test_registry import write_gate_report
 
@@ -71,6 +77,8 @@ def demo_url(champion) -> str:
     health = f"http://127.0.0.1:{port}/api/health"
     with running_server(cmd, health, champion["root"] / "demo.log", timeout=180):
         yield f"http://127.0.0.1:{port}/"
+    with pytest.raises(ConnectionRefusedError):  # stopped: nothing listens there any more
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
 @pytest.fixture
@@ -80,16 +88,29 @@ def client(demo_url) -> DemoClient:
 
 
 def in_process(adapter: Path, image: np.ndarray, prompts: Prompts) -> dict[str, tuple]:
-    """The reference: the frozen base built from the backbone, and the adapter folder, in this process."""
+    """The reference: the frozen base built from the backbone, and the adapter folder, in this
+    process: (masks, predicted IoU) of each, and the adapter's effective rank per block."""
     base = build_segmenter(ModelConfig(backbone="lite_medsam"), with_adapter=False).eval()
     adapted = load_adapted_segmenter(adapter).eval()
     with torch.inference_mode():
-        return {"base": base.predict(image, prompts), "model": adapted.predict(image, prompts)}
+        answers = {"base": base.predict(image, prompts), "model": adapted.predict(image, prompts)}
+        ranks = {block_name(k): float(v[0]) for k, v in effective_ranks(adapted, 1).items()}
+    return {**answers, "ranks": ranks,
+            "capacity": {block_name(n): layer.high_rank for n, layer in adapter_layers(adapted).items()}}
 
 
 def sample(file_name: str) -> dict:
     dataset = InstanceDataset(SAMPLES)
     return dataset[[dataset.entry(i)[0]["file_name"] for i in range(len(dataset))].index(file_name)]
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height and holds no pixels: only its header is ever read."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
 def ground_truth_box() -> list[float]:
@@ -100,7 +121,8 @@ def ground_truth_box() -> list[float]:
 def test_the_api_answers_as_the_models_do_in_process(client, champion):
     info = client.info()
     names = [c["name"] for c in info["columns"]]
-    assert names == ["frozen base (lite_medsam)", f"models:/{NAME}@champion", MISSING]
+    base_sha = read_manifest(champion["adapter"]).base_checkpoint_sha256
+    assert names == [f"frozen base (lite_medsam {base_sha[:8]})", f"models:/{NAME}@champion", MISSING]
     assert [c["error"] is None for c in info["columns"]] == [True, True, False]
     assert MISSING in info["columns"][2]["error"] and "not found" in info["columns"][2]["error"]
     assert len(info["samples"]) == 32 and "fog" in [c["name"] for c in info["corruptions"]]
@@ -119,11 +141,26 @@ def test_the_api_answers_as_the_models_do_in_process(client, champion):
     for column, (masks, scores) in ((base, expected["base"]), (model, expected["model"])):
         np.testing.assert_array_equal(column["mask"], masks[0])
         assert column["predicted_iou"] == pytest.approx(float(scores[0]), abs=1e-6)
-        assert column["iou"] == pytest.approx(mask_iou(masks[0], gt[k]))
+        assert column["iou"] == pytest.approx(mask_iou(masks[0], gt[k]) / 100)  # fractions, as predicted
     assert not np.array_equal(base["mask"], model["mask"])  # the adapter changes the answer
-    blocks = len(read_manifest(champion["adapter"]).adapted_layers)  # LiteMedSAM's TinyViT: 10
-    assert base["effective_rank"] == {} and len(model["effective_rank"]) == blocks
+    assert base["effective_rank"] == {}
+    assert model["effective_rank"] == pytest.approx(expected["ranks"]) and len(expected["ranks"]) == 10
+    assert model["rank_capacity"] == expected["capacity"]  # LiteMedSAM's TinyViT: 10 blocks
     assert missing["mask"] is None and MISSING in missing["error"]
+
+
+def test_a_chosen_object_is_prompted_with_its_box_as_warped_by_a_geometric_corruption(client, champion):
+    truth = sample(SAMPLE_FILE)
+    warped, gt = apply_corruption(truth["image"], "elastic", 5, seed=0, masks=truth["masks"], key=SAMPLE_FILE)
+    k = list(truth["ann_ids"]).index(ANNOTATION)
+    x, y, w, h = mask_bbox(gt[k])
+    assert [x, y, x + w, y + h] != ground_truth_box()  # the warp moved the object's box
+    answer = client.segment(SAMPLE_ID, corruption="elastic", severity=5, annotation_id=ANNOTATION)
+    assert answer["prompt"]["box"] == [x, y, x + w, y + h]
+    expected = in_process(champion["adapter"], warped, Prompts(boxes=torch.tensor([[x, y, x + w, y + h]])))
+    for column, key in zip(answer["columns"][:2], ("base", "model"), strict=True):
+        np.testing.assert_array_equal(column["mask"], expected[key][0][0])
+        assert column["iou"] == pytest.approx(mask_iou(expected[key][0][0], gt[k]) / 100)
 
 
 def test_an_upload_with_points_answers_as_in_process(client, champion):
@@ -160,6 +197,8 @@ def test_bad_requests_are_one_line_errors(client):
     Image.new("L", (side, side)).save(huge, format="PNG")  # a few KB that decode to 16.8 MP
     with pytest.raises(DemoError, match=rf"^huge.png: {side}x{side} is over the demo's limit"):
         client.upload(huge.getvalue(), "huge.png")
+    with pytest.raises(DemoError, match=r"^bomb.png: over the demo's limit"):
+        client.upload(png_header(20000, 20000), "bomb.png")  # Pillow's own refusal, > 179 MP
     with pytest.raises(DemoError, match=r"^box 0 \[10.0, 10.0, 500.0, 30.0\] is empty or outside the 320x"):
         client.segment(SAMPLE_ID, box=[10, 10, 500, 30])
     with pytest.raises(DemoError, match=r"^unknown corruption type 'smoke'"):
@@ -179,6 +218,25 @@ def test_bad_requests_are_one_line_errors(client):
         client.segment(SAMPLE_ID, box=[10, 10, 50])
 
 
+TINTED_PIXELS = """() => {
+  const plain = document.createElement("canvas");
+  return [...document.querySelectorAll("#results .column canvas")].map((canvas) => {
+    plain.width = canvas.width;
+    plain.height = canvas.height;
+    const ctx = plain.getContext("2d");
+    ctx.drawImage(state.image, 0, 0, canvas.width, canvas.height);
+    const a = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+    const b = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+    let changed = 0;
+    for (let i = 0; i < a.length; i += 4) {
+      const diff = Math.abs(a[i] - b[i]) + Math.abs(a[i + 1] - b[i + 1]) + Math.abs(a[i + 2] - b[i + 2]);
+      if (diff > 30) changed++;
+    }
+    return changed;
+  });
+}"""
+
+
 def test_chromium_shows_the_controls_and_both_masks(demo_url, client, champion, tmp_path):
     with page_at(demo_url) as page:
         for control in ("#sample", "#upload", "#corruption", "#severity", "#annotation", "#segment",
@@ -189,9 +247,13 @@ def test_chromium_shows_the_controls_and_both_masks(demo_url, client, champion, 
 
         segment_annotation(page, ANNOTATION, "fog", 4)
         shown = page.locator("#results .column .predicted-iou").all_inner_texts()
-        api = client.segment(SAMPLE_ID, box=ground_truth_box(), corruption="fog", severity=4,
-                             annotation_id=ANNOTATION)
+        api = client.segment(SAMPLE_ID, corruption="fog", severity=4, annotation_id=ANNOTATION)
         assert shown == [f"{100 * c['predicted_iou']:.1f}" for c in api["columns"][:2]]
+        # Each column's canvas (scale 1) differs from the plain picture where its mask is tinted.
+        changed = page.evaluate(TINTED_PIXELS)
+        for count, column in zip(changed, api["columns"][:2], strict=True):
+            area = int(column["mask"].sum())
+            assert 0.9 * area <= count <= area + 1500, (count, area)  # + the box outline
         blocks = len(read_manifest(champion["adapter"]).adapted_layers)
         assert page.locator("#results .column .ranks .row").count() == blocks  # the champion's only
 

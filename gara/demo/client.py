@@ -5,7 +5,8 @@
     result = client.segment("sample-3", box=[40, 30, 200, 180], corruption="fog", severity=3)
     result["columns"][0]["mask"], result["columns"][0]["predicted_iou"]
 
-An answer of HTTP 400 raises :class:`gara.demo.session.DemoError` with the page's message.
+An answer of HTTP 400 raises :class:`gara.demo.session.DemoError` with the page's message; a
+server failure (500) raises RuntimeError. ``predicted_iou`` and ``iou`` are fractions.
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ class DemoClient:
         self.close()
 
     def _answer(self, response) -> Any:
-        if response.status_code in (400, 500):
-            raise DemoError(response.json().get("error", response.text))
+        if response.status_code == 400:
+            raise DemoError(response.json()["error"])
+        if response.status_code >= 500:
+            raise RuntimeError(f"the demo server failed: {response.text[:500]}")
         response.raise_for_status()
         return response.json() if response.headers.get("content-type", "").startswith("application/json") \
             else response.content

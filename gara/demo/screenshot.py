@@ -57,9 +57,9 @@ def segment_annotation(page, annotation: int, corruption: str, severity: int, ti
     page.eval_on_selector("#severity", "(e, v) => { e.value = v; e.dispatchEvent(new Event('change')); }",
                           str(severity))
     page.select_option("#annotation", str(annotation))
+    # `done` counts answers whose masks are drawn (the page waits for their PNGs to decode).
     page.wait_for_function(f"Number(document.getElementById('results').dataset.done || 0) > {done}",
                            timeout=timeout_s * 1000)
-    page.wait_for_timeout(300)  # the mask PNGs decode asynchronously
 
 
 def main(url: str = typer.Argument(..., help="The running demo, e.g. http://127.0.0.1:8765/"),

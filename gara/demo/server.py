@@ -16,7 +16,9 @@ API (what :class:`gara.demo.client.DemoClient` calls)::
     POST /api/segment            {"picture", "corruption", "severity", "box", "points",
                                   "point_labels", "annotation_id"} -> every column's answer
                                   and the ground truth it is scored on, masks as base64
-                                  PNGs (0 / 255)
+                                  PNGs (0 / 255); predicted_iou and iou are fractions (the
+                                  page shows them x 100, as reports do). An annotation_id
+                                  without prompts prompts with that object's box.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from gara.demo.session import CLEAN, MAX_UPLOAD_PIXELS, DemoError, DemoSession
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"  # the page has no authentication: it listens on this machine only
-MAX_UPLOAD_BYTES = 48 * 1024 * 1024
+MAX_BODY_BYTES = 64 * 1024 * 1024  # a 48 MB photo, base64-encoded in JSON
 
 
 class UploadBody(BaseModel):
@@ -72,9 +74,21 @@ def create_app(session: DemoSession):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     app = FastAPI(title="GaRA-SAM demo", docs_url=None, redoc_url=None, openapi_url=None)
+    # Another site's page cannot reach this one through a name it points at 127.0.0.1 (DNS rebinding).
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=[HOST, "localhost"])
     page = resources.files("gara.demo").joinpath("page.html").read_text(encoding="utf-8")
+
+    @app.middleware("http")
+    async def _body_limit(request: Request, call_next):
+        """Refuse an oversized body from its header, before it is read into memory."""
+        size = request.headers.get("content-length", "")
+        if size.isdigit() and int(size) > MAX_BODY_BYTES:
+            return JSONResponse({"error": f"request of {int(size):,} bytes is over the demo's limit of "
+                                          f"{MAX_BODY_BYTES:,}; downscale the photo first"}, status_code=400)
+        return await call_next(request)
 
     @app.exception_handler(DemoError)
     async def _user_error(request: Request, exc: DemoError) -> JSONResponse:
@@ -108,13 +122,11 @@ def create_app(session: DemoSession):
     @app.get("/api/pictures/{picture_id}.png")
     def picture(picture_id: str, corruption: str = CLEAN, severity: int = 3) -> Response:
         view = session.view(session.picture(picture_id), corruption, severity)
-        return Response(png_bytes(view.image), media_type="image/png",
-                        headers={"Cache-Control": "private, max-age=3600"})
+        # Ids name pictures of this server's run only (another --data or seed reuses them).
+        return Response(png_bytes(view.image), media_type="image/png", headers={"Cache-Control": "no-store"})
 
     @app.post("/api/uploads")
     def upload(body: UploadBody) -> dict[str, Any]:
-        if len(body.data) > MAX_UPLOAD_BYTES * 4 // 3 + 4:
-            raise DemoError(f"{body.name}: over {MAX_UPLOAD_BYTES // 2**20} MB; downscale it first")
         try:
             data = base64.b64decode(body.data, validate=True)
         except (binascii.Error, ValueError):

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from gara.config import Params
+from gara.data.coco import mask_bbox
 from gara.data.corruptions import CORRUPTIONS, SEVERITIES, apply_corruption, check_severity, get_corruption
 from gara.errors import USER_ERRORS
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 CLEAN = "clean"  # the corruption value that leaves the picture as it is
 MAX_UPLOAD_PIXELS = 4096 * 4096  # checked from the header, before any pixel is decoded
-MAX_UPLOADS = 32  # uploads kept in memory; the least recently used goes first
+MAX_UPLOADS = 8  # uploads kept in memory (up to 0.4 GB at the pixel limit); oldest use goes first
 SAMPLE_PREFIX, UPLOAD_PREFIX = "sample-", "upload-"
 # The embedded held-out split (the corrupt stage's input in dvc.yaml): real photos with ground truth.
 DEFAULT_SAMPLES = "data/val"
@@ -86,13 +87,14 @@ def load_columns(params: Params, specs: list[str]) -> list[Column]:
     """Load every model spec; a spec that fails becomes a column holding its error."""
     from mlflow.exceptions import MlflowException
 
-    from gara.registry.pull import champion_uri, load_pyfunc
+    from gara.registry.pull import champion_uri
 
     models: list[Column] = []
+    bases: dict[tuple[str, str | None], Column] = {}
     for spec in specs:
         start = time.perf_counter()
         try:
-            pyfunc = load_pyfunc(params, spec)
+            column, base_key = _load_column(params, spec)
         except (*USER_ERRORS, MlflowException) as exc:
             message = getattr(exc, "message", None) or str(exc)
             if spec == champion_uri(params) and "not found" in message:
@@ -100,23 +102,32 @@ def load_columns(params: Params, specs: list[str]) -> list[Column]:
             log.warning("demo: %s", message)
             models.append(Column(spec, spec, "model", error=message))
             continue
-        loaded = pyfunc.unwrap_python_model()
-        manifest = loaded.manifest
-        adapter = manifest.adapter.kind if manifest.adapter else "none"
-        log.info("demo: loaded %s (%s on %s) in %.1f s", spec, adapter, manifest.backbone,
-                 time.perf_counter() - start)
-        models.append(Column(spec, spec, "model", adapter, manifest.backbone, pyfunc=pyfunc,
-                             rank_capacity=_rank_capacity(loaded.segmenter)))
-    bases: dict[tuple[str, str | None], Column] = {}
-    for column in models:
-        if column.pyfunc is None:
+        except Exception as exc:  # not a GaRA-SAM model, a broken code bundle...: keep the trace in the log
+            log.exception("demo: %s cannot be loaded", spec)
+            models.append(Column(spec, spec, "model", error=f"{spec}: cannot be loaded as a GaRA-SAM model "
+                                 f"({type(exc).__name__}: {exc}); see the server log"))
             continue
-        loaded = column.pyfunc.unwrap_python_model()
-        key = (column.backbone, loaded.manifest.base_checkpoint_sha256)
-        if key not in bases:
-            bases[key] = Column(f"frozen base ({column.backbone})", f"{column.spec}, adapters off", "base",
-                                backbone=column.backbone, base_of=loaded)
+        log.info("demo: loaded %s (%s on %s) in %.1f s", spec, column.adapter, column.backbone,
+                 time.perf_counter() - start)
+        models.append(column)
+        if base_key not in bases:
+            bases[base_key] = Column(f"frozen base ({column.backbone} {(base_key[1] or 'unknown')[:8]})",
+                                     f"{spec}, adapters off", "base", backbone=column.backbone,
+                                     base_of=column.pyfunc.unwrap_python_model())
     return [*bases.values(), *models]
+
+
+def _load_column(params: Params, spec: str) -> tuple[Column, tuple[str, str | None]]:
+    """A model column and the key of its base (backbone, checkpoint sha256)."""
+    from gara.registry.pull import load_pyfunc
+
+    pyfunc = load_pyfunc(params, spec)
+    loaded = pyfunc.unwrap_python_model()
+    manifest = loaded.manifest  # AttributeError for a pyfunc that is not ours: its column's error
+    adapter = manifest.adapter.kind if manifest.adapter else "none"
+    column = Column(spec, spec, "model", adapter, manifest.backbone, pyfunc=pyfunc,
+                    rank_capacity=_rank_capacity(loaded.segmenter))
+    return column, (manifest.backbone, manifest.base_checkpoint_sha256)
 
 
 def _rank_capacity(segmenter) -> dict[str, int]:
@@ -145,6 +156,9 @@ def decode_upload(data: bytes, name: str) -> np.ndarray:
             rgb = np.asarray(upright.convert("RGB"), dtype=np.uint8)
     except DemoError:
         raise
+    except Image.DecompressionBombError:  # Pillow refuses a header of > 179 MP before our check
+        raise DemoError(f"{name}: over the demo's limit of {MAX_UPLOAD_PIXELS:,} pixels; downscale it "
+                        "first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DemoError(f"{name}: not a readable image ({exc})") from None
     return np.ascontiguousarray(rgb)
@@ -168,7 +182,7 @@ class SampleSet:
                 "id": picture_id, "name": entry["file_name"],
                 "width": entry["width"], "height": entry["height"],
                 "annotations": [{"id": a["id"], "label": self.dataset.categories.get(a["category_id"], "?"),
-                                 "box": _xyxy(a["bbox"])} for a in anns],
+                                 "box": _xyxy(a["bbox"])} for a in anns if not a.get("iscrowd", 0)],
             })
         return rows
 
@@ -176,9 +190,10 @@ class SampleSet:
         if picture_id not in self._index:
             return None
         sample = self.dataset[self._index[picture_id]]
-        labels = tuple(self.dataset.categories.get(int(c), "?") for c in sample["category_ids"])
-        return Picture(picture_id, sample["file_name"], sample["image"], sample["masks"],
-                       tuple(int(i) for i in sample["ann_ids"]), labels)
+        objects = ~sample["iscrowd"]  # crowd regions are no single object to prompt or score
+        labels = tuple(self.dataset.categories.get(int(c), "?") for c in sample["category_ids"][objects])
+        return Picture(picture_id, sample["file_name"], sample["image"], sample["masks"][objects],
+                       tuple(int(i) for i in sample["ann_ids"][objects]), labels)
 
 
 def _xyxy(bbox: list[float]) -> list[float]:
@@ -187,8 +202,8 @@ def _xyxy(bbox: list[float]) -> list[float]:
 
 
 class DemoSession:
-    """Columns, samples and uploads behind the page; one comparison runs at a time (the base
-    columns switch adapters off on a shared model, and a CPU has nothing to gain from two)."""
+    """Columns, samples and uploads behind the page. One comparison runs at a time: the base
+    columns switch adapters off on a shared model (and a CPU has nothing to gain from two)."""
 
     def __init__(self, columns: list[Column], samples: SampleSet | None, seed: int,
                  samples_note: str = "") -> None:
@@ -197,7 +212,8 @@ class DemoSession:
         self.samples_note = samples_note
         self.seed = seed
         self._uploads: OrderedDict[str, Picture] = OrderedDict()
-        self._lock = threading.Lock()
+        self._uploads_lock = threading.Lock()  # short: uploads never wait for a comparison
+        self._models_lock = threading.Lock()
 
     @classmethod
     def open(cls, params: Params, specs: list[str], data: Path | None = None) -> DemoSession:
@@ -227,8 +243,9 @@ class DemoSession:
     # -- pictures ------------------------------------------------------------------------
     def add_upload(self, data: bytes, name: str) -> Picture:
         image = decode_upload(data, name)
-        picture_id = f"{UPLOAD_PREFIX}{hashlib.sha256(image.tobytes()).hexdigest()[:16]}"
-        with self._lock:
+        digest = hashlib.sha256(repr(image.shape).encode() + image.tobytes()).hexdigest()
+        picture_id = f"{UPLOAD_PREFIX}{digest[:16]}"
+        with self._uploads_lock:
             picture = self._uploads.pop(picture_id, None) or Picture(picture_id, picture_id, image)
             self._uploads[picture_id] = picture
             while len(self._uploads) > MAX_UPLOADS:
@@ -237,7 +254,7 @@ class DemoSession:
 
     def picture(self, picture_id: str) -> Picture:
         if picture_id.startswith(UPLOAD_PREFIX):
-            with self._lock:
+            with self._uploads_lock:
                 picture = self._uploads.get(picture_id)
             if picture is None:
                 raise DemoError(f"image {picture_id!r} is no longer held (the demo keeps the last "
@@ -271,25 +288,31 @@ class DemoSession:
         from gara.registry.model import PredictInputError, make_request, parse_row
 
         view = self.view(self.picture(picture_id), corruption, severity)
-        if box is None and not points:
-            raise DemoError("draw a box or click a point first")
         if points and (point_labels is None or len(point_labels) != len(points)):
             raise DemoError("give one label per point (1 = foreground, 0 = background)")
+        target = self._target(view, box, points, point_labels, annotation_id)
+        if box is None and not points:
+            if target is None:
+                raise DemoError("draw a box or click a point first")
+            # The chosen object's tight box on the picture as shown: warped with it by the
+            # geometric types, as the evaluation's box prompts are.
+            box = _xyxy(mask_bbox(view.gt_masks[target[0]]))
         request = make_request(view.image, None if box is None else [box],
                                [points] if points else None, [point_labels] if points else None)
         try:
             parse_row(request.iloc[0].to_dict(), 0)  # the models' own checks, before any forward
         except PredictInputError as exc:
             raise DemoError(str(exc.message).removeprefix("row 0: ")) from None
-        target = self._target(view, box, points, point_labels, annotation_id)
         results = []
-        with self._lock:
+        with self._models_lock:
             for column in self.columns:
                 results.append(self._run(column, request, view, target))
         return {
             "picture": {"id": view.id, "name": view.name, "width": int(view.image.shape[1]),
                         "height": int(view.image.shape[0]), "corruption": corruption,
                         "severity": None if corruption == CLEAN else severity},
+            "prompt": {"box": box, "points": points or None,
+                       "point_labels": point_labels if points else None},
             "annotation": None if target is None else {
                 "id": view.gt_ids[target[0]], "label": view.gt_labels[target[0]], "how": target[1],
                 "mask": view.gt_masks[target[0]]},
@@ -313,8 +336,8 @@ class DemoSession:
         out.update(mask=mask, predicted_iou=float(row["scores"][0]),
                    effective_rank=dict(row["effective_rank"] or {}),
                    seconds=round(time.perf_counter() - start, 3))
-        if target is not None:
-            out["iou"] = mask_iou(mask, view.gt_masks[target[0]])
+        if target is not None:  # a fraction, as predicted_iou (the page shows both x 100)
+            out["iou"] = mask_iou(mask, view.gt_masks[target[0]]) / 100
         return out
 
     @staticmethod
@@ -329,8 +352,6 @@ class DemoSession:
         if view.gt_masks is None or not len(view.gt_ids):
             return None
         if box is not None:
-            from gara.data.coco import mask_bbox
-
             overlaps = [_box_iou(box, _xyxy(mask_bbox(m))) if m.any() else 0.0 for m in view.gt_masks]
             best = int(np.argmax(overlaps))
             return (best, f"matched by box (box IoU {overlaps[best]:.2f})") if overlaps[best] >= 0.5 else None
