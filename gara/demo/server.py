@@ -58,16 +58,15 @@ class SegmentBody(BaseModel):
     annotation_id: int | None = None
 
 
-def png_bytes(array: np.ndarray) -> bytes:
+def mask_png(mask: np.ndarray | None) -> str | None:
+    """A bool mask as a base64 grayscale PNG (0 / 255), or None."""
     from PIL import Image
 
+    if mask is None:
+        return None
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def mask_png(mask: np.ndarray | None) -> str | None:
-    return None if mask is None else base64.b64encode(png_bytes(mask.astype(np.uint8) * 255)).decode()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def create_app(session: DemoSession):
@@ -121,9 +120,12 @@ def create_app(session: DemoSession):
 
     @app.get("/api/pictures/{picture_id}.png")
     def picture(picture_id: str, corruption: str = CLEAN, severity: int = 3) -> Response:
+        from gara.registry.model import encode_image
+
         view = session.view(session.picture(picture_id), corruption, severity)
         # Ids name pictures of this server's run only (another --data or seed reuses them).
-        return Response(png_bytes(view.image), media_type="image/png", headers={"Cache-Control": "no-store"})
+        return Response(encode_image(view.image), media_type="image/png",
+                        headers={"Cache-Control": "no-store"})
 
     @app.post("/api/uploads")
     def upload(body: UploadBody) -> dict[str, Any]:
