@@ -39,6 +39,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)  # stable: each module keeps its own order
 
 
+def write_dataset(root: Path, pictures: list, category: str = "rect") -> Path:
+    """A dataset folder in the project's format from (RGB image, [bool masks]) pairs: images/{i}.png
+    (ids from 1) and annotations.json with each mask as RLE."""
+    import cv2
+
+    from gara.data.coco import mask_bbox, mask_to_rle, write_coco
+
+    images, anns = [], []
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for i, (image, masks) in enumerate(pictures, start=1):
+        for mask in masks:
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "iscrowd": 0,
+                         "segmentation": mask_to_rle(mask), "bbox": mask_bbox(mask),
+                         "area": float(mask.sum())})
+        height, width = image.shape[:2]
+        cv2.imwrite(str(root / f"images/{i}.png"), image[..., ::-1])
+        images.append({"id": i, "file_name": f"images/{i}.png", "height": height, "width": width})
+    write_coco(root, {"images": images, "annotations": anns, "categories": [{"id": 1, "name": category}]})
+    return root
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -38,6 +38,7 @@ from gara.models.factory import build_segmenter
 from gara.models.inject import adapter_state_dict
 from gara.models.segmenter import Prompts, Segmenter, SegmenterOutput
 from gara.models.transforms import ImageMeta
+from tests.conftest import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -88,20 +89,15 @@ def tagged(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def corrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real `gara corrupt` output: 2 source images x (clean + fog, gaussian_noise at s1, s3)."""
-    root = tmp_path_factory.mktemp("raw")
     rng = np.random.default_rng(0)
-    images, anns = [], []
-    (root / "images").mkdir()
+    pictures = []
     for i in (1, 2):
         img = rng.integers(30, 90, size=(SIZE, SIZE + 16, 3), dtype=np.uint8)
-        for m in _rects(i):
-            m = np.pad(m, ((0, 0), (0, 16)))
+        masks = [np.pad(m, ((0, 0), (0, 16))) for m in _rects(i)]
+        for m in masks:
             img[m] = (220, 60, 40)
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "iscrowd": 0,
-                         "segmentation": mask_to_rle(m), "bbox": mask_bbox(m), "area": float(m.sum())})
-        cv2.imwrite(str(root / f"images/{i}.png"), img[..., ::-1])
-        images.append({"id": i, "file_name": f"images/{i}.png", "height": SIZE, "width": SIZE + 16})
-    write_coco(root, {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "rect"}]})
+        pictures.append((img, masks))
+    root = write_dataset(tmp_path_factory.mktemp("raw"), pictures)
     out = tmp_path_factory.mktemp("corrupted")
     corrupt_dataset(root, out, types=["fog", "gaussian_noise"], severities=[1, 3], workers=1, progress=False)
     return out

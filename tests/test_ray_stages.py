@@ -10,7 +10,6 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -19,12 +18,12 @@ from typer.testing import CliRunner
 from gara.cli import app
 from gara.cluster import RayWorkers
 from gara.config import EvaluateConfig, ModelConfig, load_params
-from gara.data.coco import mask_bbox, mask_to_rle, write_coco
 from gara.data.corrupt import corrupt_dataset
 from gara.evaluate.report import evaluate_to_report
 from gara.evaluate.runner import ModelSpecError, evaluate_models, evaluate_on_ray, plan_shards, resolve_models
 from gara.models.adapter_io import save_adapter
 from gara.models.factory import build_segmenter
+from tests.conftest import write_dataset
 
 WORKERS = RayWorkers(2, None, 100)  # joins the module's cluster (ray.is_initialized)
 
@@ -51,23 +50,18 @@ def ray_cluster(s3_server) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 noisy images with two rectangles each, as a dataset folder."""
-    root = tmp_path_factory.mktemp("photos")
     rng = np.random.default_rng(0)
-    images, anns = [], []
-    (root / "images").mkdir()
+    pictures = []
     for i in range(1, 5):
         img = rng.integers(30, 90, size=(64, 80, 3), dtype=np.uint8)
+        masks = []
         for x0, y0 in ((6 + i, 8), (40, 30 + i)):
             mask = np.zeros((64, 80), bool)
             mask[y0 : y0 + 20, x0 : x0 + 24] = True
             img[mask] = (220, 60 + 20 * i, 40)
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "iscrowd": 0,
-                         "area": float(mask.sum()), "segmentation": mask_to_rle(mask),
-                         "bbox": mask_bbox(mask)})
-        cv2.imwrite(str(root / f"images/{i}.png"), img[..., ::-1])
-        images.append({"id": i, "file_name": f"images/{i}.png", "height": 64, "width": 80})
-    write_coco(root, {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "rect"}]})
-    return root
+            masks.append(mask)
+        pictures.append((img, masks))
+    return write_dataset(tmp_path_factory.mktemp("photos"), pictures)
 
 
 CORRUPT = {"types": ["fog", "gaussian_noise", "motion_blur"], "severities": [1, 3], "variants_per_image": 2}
