@@ -13,6 +13,8 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export AWS_REQUEST_CHECKSUM_CALCULATION := when_required
+# sam2 is an sdist: build it without its optional CUDA extension (no compiler work, any machine).
+export SAM2_BUILD_CUDA := 0
 # dvc.yaml stages call `python -m gara.cli`: make that the environment's python.
 export PATH := $(abspath $(BIN)):$(PATH)
 
@@ -21,10 +23,11 @@ export PATH := $(abspath $(BIN)):$(PATH)
 env: $(STAMP)
 
 # The stamp records the lock's hash, so a changed lock re-syncs and an unchanged one costs nothing.
+# Build constraints = the lock: sam2's build needs torch, and gets the pinned one (already cached).
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@test -x $(BIN)/uv || $(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
-	$(BIN)/uv pip sync --python $(BIN)/python requirements.lock
+	$(BIN)/uv pip sync --python $(BIN)/python --build-constraints requirements.lock requirements.lock
 	$(BIN)/uv pip install --python $(BIN)/python --no-deps -e .
 	@sha256sum requirements.lock pyproject.toml > $(STAMP)
 
