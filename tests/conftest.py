@@ -28,7 +28,7 @@ os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
 # collection order (xdist --dist loadfile); starting these first keeps one worker from being
 # left with a long module at the end.
 LONGEST_MODULES = ("test_flows.py", "test_pipeline_e2e.py", "test_train.py", "test_registry.py",
-                   "test_serving.py", "test_ray_stages.py", "test_demo.py")
+                   "test_serving.py", "test_ray_stages.py", "test_demo.py", "test_sam21.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

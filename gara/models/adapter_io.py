@@ -20,6 +20,7 @@ from gara.fsutil import atomic_write, atomic_write_json
 from gara.models.adapters.config import AdapterConfig
 from gara.models.backbones import build_backbone
 from gara.models.checkpoints import file_sha256
+from gara.models.factory import wrap_backbone
 from gara.models.inject import (
     adapter_layers,
     adapter_state_dict,
@@ -133,7 +134,7 @@ def load_adapted_segmenter(
         checkpoint_sha256=manifest.base_checkpoint_sha256,
         s3_endpoint_url=s3_endpoint_url,
     )
-    segmenter = Segmenter(backbone)
+    segmenter = wrap_backbone(backbone)
     if manifest.adapter is not None:
         attach_adapter(segmenter, manifest.adapter)
     load_adapter_weights(segmenter, directory)  # the frozen base: checks that the file holds nothing

@@ -1,8 +1,9 @@
 """One registry of SAM-family backbones.
 
-Each entry builds a module with ``image_encoder``, ``prompt_encoder`` and ``mask_decoder``
-(segment-anything's layout) and says how images are preprocessed for it. Weights come from
-a local path or an s3:// URL, verified against a sha256 when one is known.
+Each entry builds the family's own model (``family``: "sam" = segment-anything's layout,
+``image_encoder``, ``prompt_encoder``, ``mask_decoder``; "sam2" = the sam2 package's SAM2Base)
+and says how images are preprocessed for it. Weights come from a local path or an s3:// URL,
+verified against a sha256 when one is known.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class BackboneSpec:
     # whose official weights the user configures (path or s3:// URL).
     default_checkpoint: Callable[[], str] | None = None
     default_sha256: str | None = None
+    family: str = "sam"  # which segmenter class runs it (gara.models.factory.SEGMENTERS)
 
 
 def _build_sam_vit(
@@ -110,7 +112,34 @@ def _lite_medsam_checkpoint() -> str:
 LITE_MEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 
 
+def _build_sam21(config: str, *overrides: str) -> nn.Module:
+    from gara.models.sam21 import build_sam21_model
+
+    return build_sam21_model(config, overrides)
+
+
+# A Hiera of the same classes at 256 px for tests on CPU: width 16, five blocks, three of which
+# change width (dim != dim_out) and pool, one global; one memory-attention layer.
+SAM21_TINY_OVERRIDES = (
+    "model.image_size=256",
+    "model.image_encoder.trunk.embed_dim=16",
+    "model.image_encoder.trunk.stages=[1,1,2,1]",
+    "model.image_encoder.trunk.global_att_blocks=[3]",
+    "++model.image_encoder.trunk.window_spec=[8,4,4,2]",
+    "model.image_encoder.neck.backbone_channel_list=[128,64,32,16]",
+    "model.memory_attention.num_layers=1",
+)
+
+
 SAM_TRANSFORM = ImageTransform(size=1024)
+SAM21_TRANSFORM = ImageTransform(size=1024, resize="stretch")
+# The sam2 package's SAM 2.1 configs: name -> (config, description).
+SAM21_CONFIGS = {
+    "sam2.1_hiera_t": ("sam2.1_hiera_t.yaml", "Hiera-T (12 blocks)"),
+    "sam2.1_hiera_s": ("sam2.1_hiera_s.yaml", "Hiera-S (16 blocks)"),
+    "sam2.1_hiera_b+": ("sam2.1_hiera_b+.yaml", "Hiera-B+ (24 blocks)"),
+    "sam2.1_hiera_l": ("sam2.1_hiera_l.yaml", "Hiera-L (48 blocks)"),
+}
 
 BACKBONES: dict[str, BackboneSpec] = {
     "vit_b": BackboneSpec(
@@ -154,6 +183,23 @@ BACKBONES: dict[str, BackboneSpec] = {
         default_sha256=LITE_MEDSAM_SHA256,
     ),
 }
+BACKBONES |= {
+    name: BackboneSpec(
+        name,
+        partial(_build_sam21, f"configs/sam2.1/{config}"),
+        SAM21_TRANSFORM,
+        f"SAM 2.1 {what}, 1024 px (sam2 package); official weights from a path or s3:// URL",
+        family="sam2",
+    )
+    for name, (config, what) in SAM21_CONFIGS.items()
+}
+BACKBONES["sam2.1_hiera_tiny_test"] = BackboneSpec(
+    "sam2.1_hiera_tiny_test",
+    partial(_build_sam21, "configs/sam2.1/sam2.1_hiera_t.yaml", *SAM21_TINY_OVERRIDES),
+    ImageTransform(size=256, resize="stretch"),
+    "test config: SAM 2.1 Hiera, 256 px, width 16, 5 blocks (3 change width)",
+    family="sam2",
+)
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:

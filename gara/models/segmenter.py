@@ -84,14 +84,24 @@ class SegmenterOutput:
 
 
 class Segmenter(nn.Module):
-    """A SAM-family model (frozen or adapted) behind one batched, differentiable interface."""
+    """A SAM-family model (frozen or adapted) behind one batched, differentiable interface.
+
+    This class runs segment-anything's layout (SAM, LiteMedSAM); a family with another layout
+    subclasses it (``family``, ``components``, ``encode``, ``decode``: :mod:`gara.models.sam21`),
+    and :func:`gara.models.factory.wrap_backbone` picks the class for a backbone.
+    """
+
+    family = "sam"
 
     def __init__(self, backbone: LoadedBackbone):
         super().__init__()
-        model = backbone.model
-        self.image_encoder = model.image_encoder
-        self.prompt_encoder = model.prompt_encoder
-        self.mask_decoder = model.mask_decoder
+        if backbone.spec.family != self.family:
+            raise TypeError(
+                f"backbone {backbone.spec.name!r} is a {backbone.spec.family} model, not {self.family}: "
+                "wrap it with gara.models.factory.wrap_backbone"
+            )
+        for name, part in self.components(backbone.model).items():
+            setattr(self, name, part)
         self.transform: ImageTransform = backbone.spec.transform
         self.backbone_name = backbone.spec.name
         self.checkpoint = backbone.checkpoint
@@ -130,9 +140,23 @@ class Segmenter(nn.Module):
             labels=None if labels is None else labels.to(dev),
         )
 
+    @staticmethod
+    def components(model: nn.Module) -> dict[str, nn.Module | nn.Parameter]:
+        """The parts of the backbone's model that the segmenter runs, by attribute name."""
+        return {
+            "image_encoder": model.image_encoder,
+            "prompt_encoder": model.prompt_encoder,
+            "mask_decoder": model.mask_decoder,
+        }
+
     # -- model ---------------------------------------------------------------------------
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images (B, 3, S, S) -> what ``decode`` takes: a (B, C, h, w) tensor."""
         return self.image_encoder(batch)
+
+    def image_embedding(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The image embedding (B, C, h, w) the prompts attend to, out of ``encode``'s output."""
+        return embeddings
 
     def encoder_stages(self) -> list[Stage]:
         return encoder_stages(self.image_encoder)

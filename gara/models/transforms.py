@@ -1,7 +1,8 @@
 """Per-backbone image preprocessing and the matching prompt / mask coordinate transforms.
 
-Both SAM and LiteMedSAM resize the longest side to a fixed size and pad bottom-right to a
-square; they differ in the target size and in how pixel values are normalised.
+SAM and LiteMedSAM resize the longest side to a fixed size and pad bottom-right to a square;
+SAM 2.1 stretches the image to the square (its own ``SAM2Transforms``). They also differ in the
+target size and in how pixel values are normalised.
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ class ImageMeta:
     original_size: tuple[int, int]
     input_size: tuple[int, int]
 
-    @property
-    def scale(self) -> float:
-        return self.input_size[0] / self.original_size[0]
-
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """Longest-side resize + normalisation + padding to a ``size`` x ``size`` square.
+    """Resize to a ``size`` x ``size`` square + normalisation.
 
+    resize:
+      - "longest_side": scale so the longest side is ``size``, pad bottom-right (SAM, LiteMedSAM);
+      - "stretch": scale each side to ``size`` (SAM 2.1; its decoder's masks are resized back
+        to the image directly).
     normalization:
       - "mean_std": (x - mean) / std on 0-255 values (segment-anything);
       - "min_max": per-image rescale to [0, 1] (LiteMedSAM's own inference scheme).
@@ -40,10 +41,13 @@ class ImageTransform:
 
     size: int
     normalization: Literal["mean_std", "min_max"] = "mean_std"
+    resize: Literal["longest_side", "stretch"] = "longest_side"
     pixel_mean: tuple[float, float, float] = SAM_PIXEL_MEAN
     pixel_std: tuple[float, float, float] = SAM_PIXEL_STD
 
     def resized_shape(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        if self.resize == "stretch":
+            return self.size, self.size
         h, w = original_size
         scale = self.size / max(h, w)
         return int(h * scale + 0.5), int(w * scale + 0.5)
@@ -91,6 +95,8 @@ class ImageTransform:
 
     def postprocess_masks(self, low_res: torch.Tensor, meta: ImageMeta) -> torch.Tensor:
         """Decoder logits (K, C, h', w') -> logits at the original image size (K, C, H, W)."""
+        if self.resize == "stretch":  # nothing padded: straight back to the image (SAM2Transforms)
+            return F.interpolate(low_res, meta.original_size, mode="bilinear", align_corners=False)
         masks = F.interpolate(low_res, (self.size, self.size), mode="bilinear", align_corners=False)
         h, w = meta.input_size
         masks = masks[..., :h, :w]

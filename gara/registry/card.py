@@ -89,7 +89,9 @@ def model_card(
     if images.get("source_images", 0) and images.get("source_images", 0) < 100:
         lines.append(f"- The evidence rests on {images['source_images']} source images: per-corruption "
                      "differences have wide intervals.")
-    size = get_backbone_spec(manifest.backbone).transform.size
-    lines.append(f"- The encoder sees the image resized to {size} px on its longest side; masks are "
-                 "upsampled to the image's resolution, so structures thinner than that grid may be lost.")
+    transform = get_backbone_spec(manifest.backbone).transform
+    resized = (f"resized to {transform.size} px on its longest side" if transform.resize == "longest_side"
+               else f"stretched to {transform.size} x {transform.size} px")
+    lines.append(f"- The encoder sees the image {resized}; masks are upsampled to the image's "
+                 "resolution, so structures thinner than that grid may be lost.")
     return "\n".join(lines) + "\n"

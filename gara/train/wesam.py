@@ -127,7 +127,7 @@ class TeacherStudent(nn.Module):
 
     def forward(self, images: torch.Tensor, prompts: list[Prompts]) -> tuple[SegmenterOutput, torch.Tensor]:
         embeddings = self.segmenter.encode(images)
-        return self.segmenter.decode(embeddings, prompts), embeddings
+        return self.segmenter.decode(embeddings, prompts), self.segmenter.image_embedding(embeddings)
 
 
 # --- losses --------------------------------------------------------------------------------
@@ -257,8 +257,9 @@ def wesam_step(
     anchor = anchor_embeddings = None
     if config.anchor or config.contrastive:  # self-training alone never needs the anchor
         with torch.no_grad(), adapters_disabled(segmenter), amp():
-            anchor_embeddings = segmenter.encode(batch.weak)
-            anchor = segmenter.decode(anchor_embeddings, batch.prompts)
+            encoded = segmenter.encode(batch.weak)
+            anchor = segmenter.decode(encoded, batch.prompts)
+            anchor_embeddings = segmenter.image_embedding(encoded)
     n = batch.num_images
     with amp():
         out, embeddings = model(torch.cat([batch.weak, batch.strong]), batch.prompts + batch.prompts)

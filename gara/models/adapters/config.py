@@ -15,11 +15,12 @@ AdapterKind = Literal["lora", "gara", "adaptformer"]
 
 # Where each kind goes when ``target_modules`` is not set. LoRA/GaRA: every attention qkv
 # Linear. Adaptformer: every encoder block's MLP (SAM ViT: image_encoder.blocks.N.mlp;
-# TinyViT/LiteMedSAM: image_encoder.layers.S.blocks.N.mlp; its conv stage has no MLP).
+# TinyViT/LiteMedSAM: image_encoder.layers.S.blocks.N.mlp, its conv stage has no MLP;
+# SAM 2.1 Hiera: image_encoder.trunk.blocks.N.mlp).
 DEFAULT_TARGETS: dict[str, str] = {
     "lora": r"^image_encoder\..*attn\.qkv$",
     "gara": r"^image_encoder\..*attn\.qkv$",
-    "adaptformer": r"^image_encoder\.(layers\.\d+\.)?blocks\.\d+\.mlp$",
+    "adaptformer": r"^image_encoder\.(layers\.\d+\.|trunk\.)?blocks\.\d+\.mlp$",
 }
 
 

@@ -9,6 +9,12 @@ one set of gates). Per attention input (a window, or a whole image in global blo
     z_L, z_H = GumbelSigmoid(low_gate(g)), (high_gate(g))     3-layer MLPs, hidden 16
     dW(x)    = (1 - z_space) sum_i z_L,i b_i a_i^T + z_space sum_j z_H,j b_j a_j^T
 
+On SAM 2.1's Hiera the blocks that open a stage widen the tokens (dim -> dim_out = 2 dim) and
+pool the queries: their qkv maps dim -> 3 dim_out. There the gate input is the same rule, the
+mean of what qkv reads: the normalised block input, width dim, over one window (or the whole
+map in global blocks), before any pooling; each component's a_i has width dim and b_i width
+dim_out per projection. Ranks are capped by the input width dim (AdapterConfig.capped).
+
 The components are stored as one rank-(r_L + r_H) LoRA (columns 0..r_L-1 = low space), so
 a gate decision is just a per-input coefficient c = [(1 - z_space) z_L, z_space z_H].
 Training computes every component (the space gate's straight-through gradient needs the
