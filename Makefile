@@ -70,7 +70,8 @@ lint: env
 
 # Re-pin every dependency (needs the package registry).
 lock: env
-	$(BIN)/uv pip compile --python-version 3.11 requirements.in -o requirements.lock
+	$(BIN)/uv pip compile --python-version 3.11 --build-constraints requirements.lock requirements.in \
+	  -o requirements.lock
 
 clean-env:
 	rm -rf $(VENV)

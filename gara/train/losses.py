@@ -2,9 +2,10 @@
 
 Where the loss is computed: at the mask decoder's low-res logits resolution (L x L, e.g.
 64 x 64 for a 256 px input, 256 x 256 for 1024 px). The ground truth is brought into that
-frame with the segmenter's own transform (resize the longest side to S, pad bottom-right to
-S x S; :func:`gt_at_logits`), then area-averaged down to L x L and binarised at 0.5. Only the
-cells that cover the resized image are scored; the padding is left out, as it is when
+frame with the segmenter's own transform (resize the longest side to S and pad bottom-right
+to S x S, or stretch to S x S for SAM 2.1; :func:`gt_at_logits`), then area-averaged down to
+L x L and binarised at 0.5. Only the cells that cover the resized image are scored; the
+padding (if any) is left out, as it is when
 logits are upsampled to the original size. This is exact for the frame (the same cells
 ``postprocess_masks`` maps back to the image) and far cheaper than upsampling every logit
 map to the original resolution for the backward pass.
@@ -30,7 +31,7 @@ def gt_at_logits(
     masks: np.ndarray | torch.Tensor, meta: ImageMeta, transform: ImageTransform, logits_size: int
 ) -> torch.Tensor:
     """Bool masks (K, H, W) in original pixels -> float {0, 1} targets (K, L, L) aligned with
-    the decoder's logits (frame: resize longest side to S + pad to S x S, then S -> L)."""
+    the decoder's logits (frame: the transform's S x S input, then S -> L)."""
     m = torch.as_tensor(np.asarray(masks), dtype=torch.float32)[:, None]
     if tuple(m.shape[-2:]) != meta.original_size:
         raise ValueError(f"masks have size {tuple(m.shape[-2:])}, image meta says {meta.original_size}")
