@@ -1,12 +1,13 @@
 """Adapter cost benchmark: frozen vs LoRA r16 vs LoRA r256 vs GaRA (+ Adaptformer and COBOT variants).
 
 Prints, per backbone, the evaluation forward time (ratio to frozen) and the training step
-time (forward + backward + Adam step; ratio to LoRA r256), with peak memory. Each variant
-runs in a fresh process so peak memory is its own. Ratios are what to compare: measure on
-an otherwise idle machine, all variants in one run.
+time (forward + backward + Adam step; ratio to LoRA r256, and images per second), with peak
+memory. Each variant runs in a fresh process so peak memory is its own. Ratios are what to
+compare: measure on an otherwise idle machine, all variants in one run.
 
     python bench/bench_adapters.py                       # CPU: vit_tiny and lite_medsam
     python bench/bench_adapters.py --device cuda --backbones vit_b --batch 4 --bf16
+    python bench/bench_adapters.py --device cuda --backbones sam2.1_hiera_b+ --batch 4 --bf16
 
 Goals (issue 2): GaRA evaluation forward within 1.10x of frozen; GaRA training step within
 1.3x of LoRA r256.
@@ -140,8 +141,8 @@ def main() -> None:
         results.extend(rows.values())
         frozen, r256 = rows["frozen"], rows["lora_r256"]
         print(f"\n{backbone}  device={args['device']} batch={args['batch']} bf16={args['bf16']}")
-        header = ("variant", "eval s", "x frozen", "train s", "x r256", "peak MiB")
-        print("{:<14} {:>8} {:>9} {:>8} {:>7} {:>9}  note".format(*header))
+        header = ("variant", "eval s", "x frozen", "train s", "x r256", "train img/s", "peak MiB")
+        print("{:<14} {:>8} {:>9} {:>8} {:>7} {:>11} {:>9}  note".format(*header))
         for name, row in rows.items():
             train = row.get("train_s")
             peak = row.get("train_peak_mib", row.get("eval_peak_mib", row["peak_rss_growth_mib"]))
@@ -149,8 +150,10 @@ def main() -> None:
             note = f"mean effective rank {rank:.1f}" if rank is not None else ""
             train_s = f"{train:8.4f}" if train else "       -"
             train_x = f"{train / r256['train_s']:7.3f}" if train else "      -"
+            rate = f"{args['batch'] / train:11.2f}" if train else "          -"
             eval_x = row["eval_s"] / frozen["eval_s"]
-            print(f"{name:<14} {row['eval_s']:8.4f} {eval_x:9.3f} {train_s} {train_x} {peak:9.1f}  {note}")
+            timings = f"{row['eval_s']:8.4f} {eval_x:9.3f} {train_s} {train_x} {rate}"
+            print(f"{name:<14} {timings} {peak:9.1f}  {note}")
     if args["json"]:
         with open(args["json"], "w") as f:
             json.dump(results, f, indent=2)
