@@ -228,6 +228,30 @@ def test_only_sam21_versions_require_the_sam2_package():
     assert {"torch", "segment-anything"} <= requirements["vit_tiny"] & requirements[TINY]
 
 
+def test_wesam_trains_sam21_and_contrasts_its_image_embeddings(tmp_path, monkeypatch):
+    """WeSAM's instance contrast pools the image embedding (C = the prompt encoder's width),
+    not the packed high-resolution maps that ride along in Sam2Segmenter.encode's output."""
+    import gara.train.wesam
+    from bench.bench_wesam import wesam_train
+
+    pooled_widths = []
+    contrast = gara.train.wesam.instance_contrast
+
+    def recording(teacher_embeddings, *args, **kwargs):
+        pooled_widths.append(teacher_embeddings.shape[1])
+        return contrast(teacher_embeddings, *args, **kwargs)
+
+    monkeypatch.setattr(gara.train.wesam, "instance_contrast", recording)
+    torch.manual_seed(0)
+    seg = build_segmenter(ModelConfig(backbone=TINY, adapter=ADAPTERS["lora"]), pretrained=False)
+    before = {k: p.detach().clone() for k, p in adapter_state_dict(seg).items()}
+    history = wesam_train(seg, make_dataset(tmp_path / "data", 3, 0), steps=2, lr=1e-3)
+    assert all(np.isfinite(h["loss"]) and h["loss"] > 0 for h in history)
+    assert {"loss/self", "loss/anchor", "loss/contrast"} <= set(history[0])
+    assert pooled_widths and set(pooled_widths) == {seg.prompt_encoder.embed_dim}
+    assert any(not torch.equal(before[k], p) for k, p in adapter_state_dict(seg).items())
+
+
 # --- gara info ------------------------------------------------------------------------------
 def gara_layer_params(width: int, width_out: int, low: int = 16, high: int = 256) -> int:
     """One GaRA layer on a qkv (width -> 3 width_out), ranks capped at width / 2: q, k, v each
