@@ -11,13 +11,14 @@ from gara.models.adapters.gara import GaRALinear, effective_ranks
 from gara.models.adapters.gates import gumbel_sigmoid
 from gara.models.adapters.lora import LoRALinear
 from gara.models.backbones import build_backbone
+from gara.models.factory import wrap_backbone
 from gara.models.inject import adapter_layers, attach_adapter, parameter_report
 from gara.models.segmenter import Prompts, Segmenter
 
 
 def make_segmenter(backbone: str, kind: str | None, seed: int = 0, **adapter) -> Segmenter:
     torch.manual_seed(seed)
-    seg = Segmenter(build_backbone(backbone, pretrained=backbone == "lite_medsam"))
+    seg = wrap_backbone(build_backbone(backbone, pretrained=backbone == "lite_medsam"))
     if kind:
         attach_adapter(seg, AdapterConfig(kind=kind, **adapter))
     return seg.eval()
@@ -43,7 +44,7 @@ def outputs(seg: Segmenter, batch, prompts):
     return torch.cat([x.flatten() for x in out.low_res_logits + out.iou_predictions])
 
 
-@pytest.mark.parametrize("backbone", ["vit_tiny", "lite_medsam"])
+@pytest.mark.parametrize("backbone", ["vit_tiny", "lite_medsam", "sam2.1_hiera_tiny_test"])
 @pytest.mark.parametrize("kind", ["lora", "gara"])
 def test_adapted_model_starts_exactly_at_frozen_model(backbone, kind):
     frozen = make_segmenter(backbone, None)
@@ -80,8 +81,10 @@ def test_gara_evaluation_is_deterministic_and_training_samples_gates():
     assert not torch.equal(a, b), "training mode should sample different gates for other noise"
 
 
-def test_one_backward_reaches_factors_and_every_gate_but_no_base_parameter():
-    seg = make_segmenter("vit_tiny", "gara")
+# SAM 2.1's Hiera: 3 of its 5 blocks widen (dim != dim_out), where the gates read width dim.
+@pytest.mark.parametrize(("backbone", "blocks"), [("vit_tiny", 4), ("sam2.1_hiera_tiny_test", 5)])
+def test_one_backward_reaches_factors_and_every_gate_but_no_base_parameter(backbone, blocks):
+    seg = make_segmenter(backbone, "gara")
     _randomise_up_projections(seg)
     seg.train()
     batch, prompts, _ = batch_for(seg, n=8)
@@ -90,7 +93,7 @@ def test_one_backward_reaches_factors_and_every_gate_but_no_base_parameter():
     loss = sum(x.sigmoid().mean() for x in out.low_res_logits) + sum(x.sum() for x in out.iou_predictions)
     loss.backward()
     layers = adapter_layers(seg)
-    assert len(layers) == 4
+    assert len(layers) == blocks
     for name, layer in layers.items():
         assert isinstance(layer, GaRALinear)
         assert layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0, name

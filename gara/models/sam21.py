@@ -43,6 +43,7 @@ IMAGE_PREDICTOR_OVERRIDES = (
     "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh=0.98",
 )
 
+
 def build_sam21_model(config: str, overrides: Sequence[str] = ()) -> nn.Module:
     """Instantiate the package config ``config`` (e.g. ``configs/sam2.1/sam2.1_hiera_t.yaml``)."""
     import sam2  # noqa: F401  (its import registers the package's configs with Hydra)
@@ -93,7 +94,7 @@ class Sam2Segmenter(Segmenter):
         return embedding, F.pixel_shuffle(stride8, 2), F.pixel_shuffle(stride4, 4)
 
     def image_embedding(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self._unpack(embeddings)[0]
+        return embeddings[:, : self.prompt_encoder.embed_dim]  # the first block of the packing
 
     @staticmethod
     def _points(prompts: Prompts) -> tuple[torch.Tensor, torch.Tensor]:
