@@ -7,7 +7,8 @@ adapter on the pipeline's evaluation set (`evaluate.data`: run `dvc repro corrup
 so all rows are paired on the same images and prompts. Printed per row and seed: the paired
 difference to the base (box IoU, Degrade and Clear) with its 95% interval over source
 images; per row: the mean over seeds, the spread across seeds (sd, min..max) and how many
-seeds give a measurable gain (ci_low > 0); per seed: each row against LoRA r16.
+seeds give a measurable gain (ci_low > 0); per seed: each row against the --reference row
+(LoRA r16 unless told).
 
 Rows are the train stages of dvc.yaml and pipelines/comparison/dvc.yaml (their --set lines,
 so the bench trains exactly what the pipelines train), plus variants given as
@@ -16,6 +17,7 @@ so the bench trains exactly what the pipelines train), plus variants given as
     python bench/bench_seeds.py               # rows gara, lora, gara_cobot, lora_cobot; seeds 0, 1, 2
     python bench/bench_seeds.py --rows gara,lora --seeds 0,1,2,3,4
     python bench/bench_seeds.py --variant gara_bias3="gara --set model.adapter.gate_bias=3"
+    python bench/bench_seeds.py --rows gara,gara_distill --reference gara   # label-free vs supervised
 
 Trained adapters are kept under --out and reused on a re-run (delete a folder to retrain it).
 On 2 idle cores: ~2 min per training, ~0.4 s per image per extra model in the evaluation.
@@ -45,7 +47,8 @@ def pipeline_rows() -> dict[str, list[str]]:
     for path in PIPELINES:
         stages = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages", {})
         for name, item in (stages.get("train", {}).get("foreach") or {}).items():
-            rows[name] = shlex.split(" ".join(str(item.get("sets", "")).split()))
+            data = ["--set", f"train.data={item['data']}"] if "data" in item else []  # as the stage's cmd
+            rows[name] = data + shlex.split(" ".join(str(item.get("sets", "")).split()))
     return rows
 
 
@@ -72,17 +75,18 @@ def train(name: str, sets: list[str], seed: int, out: Path) -> Path:
     return folder
 
 
-def summarise(records: pd.DataFrame, names: dict[str, tuple[str, int]], bootstrap) -> pd.DataFrame:
+def summarise(records: pd.DataFrame, names: dict[str, tuple[str, int]], bootstrap, reference: str
+              ) -> pd.DataFrame:
     from gara.evaluate.paired import SourceBootstrap
 
     boot = SourceBootstrap(records, bootstrap)
     rows = []
     for model, (row, seed) in names.items():
         entry: dict = {"row": row, "seed": seed}
-        lora = f"lora-s{seed}"
+        other_row = f"{reference}-s{seed}"
         comparisons = [("degrade", "base", "degrade"), ("clear", "base", "clear")]
-        if lora in names and lora != model:
-            comparisons.append(("vs_lora", lora, "degrade"))
+        if other_row in names and other_row != model:
+            comparisons.append(("vs_reference", other_row, "degrade"))
         for key, other, part in comparisons:
             diff = boot.difference(model, other, part, "box", "iou")
             entry.update({key: diff.delta, f"{key}_low": diff.ci_low, f"{key}_high": diff.ci_high})
@@ -91,17 +95,17 @@ def summarise(records: pd.DataFrame, names: dict[str, tuple[str, int]], bootstra
     return pd.DataFrame(rows)
 
 
-def report(table: pd.DataFrame, max_clear_drop: float) -> str:
+def report(table: pd.DataFrame, max_clear_drop: float, reference: str) -> str:
     def cell(r, key: str) -> str:
         if pd.isna(r.get(key)):
             return "-"
         return f"{r[key]:+.2f} [{r[key + '_low']:+.2f}, {r[key + '_high']:+.2f}]"
 
     lines = ["| row | seed | Degrade box IoU - base | Clear box IoU - base | "
-             "Degrade - LoRA r16 (same seed) |", "|---|---|---|---|---|"]
+             f"Degrade - {reference} (same seed) |", "|---|---|---|---|---|"]
     for _, r in table.iterrows():
         lines.append(f"| {r['row']} | {r['seed']} | {cell(r, 'degrade')} | {cell(r, 'clear')} | "
-                     f"{cell(r, 'vs_lora')} |")
+                     f"{cell(r, 'vs_reference')} |")
     lines += ["", "| row | seeds | Degrade - base: mean (sd) [min, max] | measurable (ci_low > 0) | "
                   f"Clear - base: mean (sd) [min, max] | Clear ci_low > -{max_clear_drop:g} |",
               "|---|---|---|---|---|---|"]
@@ -121,6 +125,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="gara,lora,gara_cobot,lora_cobot")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--reference", default="lora",
+                        help="the row every other row is paired with, seed by seed")
     parser.add_argument("--variant", action="append", default=[], metavar='NAME="ROW --set k=v ..."')
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "seeds")
     args = parser.parse_args()
@@ -165,9 +171,9 @@ def main() -> None:
     print(f"evaluated {len(models)} models on {len(result.images)} images in {seconds:.0f} s")
 
     names = {model: (row, seed) for model, (row, seed, _) in adapters.items()}
-    table = summarise(result.records, names, params.evaluate.bootstrap)
+    table = summarise(result.records, names, params.evaluate.bootstrap, args.reference)
     table.to_csv(out / "seeds.csv", index=False)
-    text = report(table, params.registry.gate.max_clear_drop)
+    text = report(table, params.registry.gate.max_clear_drop, args.reference)
     (out / "seeds.md").write_text(text + "\n", encoding="utf-8")
     n = result.records["source_image_id"].nunique()
     print(f"\nPaired box IoU differences, 95% intervals over {n} source images "

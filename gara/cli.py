@@ -105,7 +105,8 @@ def backbones() -> None:
 # --- data commands (gara data ...) -------------------------------------------------------
 @data_app.command("validate")
 def data_validate(
-    path: Path = typer.Argument(..., help="Dataset folder: annotations.json + its images."),
+    path: Path = typer.Argument(..., help="Dataset folder: annotations.json + its images, or a plain "
+                                "folder of images (unlabelled)."),
 ) -> None:
     """Check a dataset folder; print every problem and exit 1 if there is any."""
     from gara.data.validate import format_problems, ok_summary, validate_dataset
@@ -120,12 +121,12 @@ def data_validate(
 
 @data_app.command("build-sample")
 def data_build_sample(
-    out: Path = typer.Option(Path("data"), help="Folder that receives train/ and val/."),
+    out: Path = typer.Option(Path("data"), help="Folder that receives train/, val/ and unlabelled/."),
     seed: int = typer.Option(0, min=0, help="Same seed, byte-identical output."),
     train_size: int = typer.Option(300, min=2, help="Train images (real photos included)."),
     val_size: int = typer.Option(32, min=1, help="Val images (real photos included)."),
 ) -> None:
-    """Build the embedded sample dataset (real photos + copy-paste composites)."""
+    """Build the embedded sample dataset (real photos + copy-paste composites, and unlabelled photos)."""
     from gara.data.sample import build_sample
     from gara.data.validate import ok_summary
 
@@ -174,7 +175,7 @@ def _severities(text: str | None) -> list[int] | None:
 @app.command("corrupt")
 def corrupt(
     data: str = typer.Option(..., "--data", help="Dataset: a folder (or s3://BUCKET/PREFIX) with "
-                             "annotations.json + images."),
+                             "annotations.json + images, or a local plain folder of images (unlabelled)."),
     out: str = typer.Option(..., "--out", help="Output dataset, a folder or s3://BUCKET/PREFIX (PNG "
                             "images + COCO)."),
     types: str | None = typer.Option(None, help="Comma-separated types (corrupt.types; default: all 17)."),

@@ -93,6 +93,38 @@ class WeSAMConfig(BaseModel):
         return self
 
 
+class DistillConfig(BaseModel):
+    """The ``train.distill`` section: label-free robustification (gara/train/distill.py).
+
+    The teacher is the frozen base on a clean image, the student the adapted model on a
+    corrupted copy of it (or on the clean image itself, so Clear is kept); prompts are random
+    boxes, so no annotation is read. Each term's weight may be 0 (off); every term is 0 when
+    the student answers exactly as the teacher.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # One kind drawn per image per step: box (random boxes), point (one random click each).
+    # LiteMedSAM answers to boxes only; SAM and SAM 2.1 take both.
+    prompts: list[Literal["box", "point"]] = Field(default_factory=lambda: ["box"], min_length=1)
+    boxes_per_image: int = Field(4, ge=1)  # random prompts per image per step (the labelled sets: ~4)
+    min_box_fraction: float = Field(0.1, gt=0, le=1)  # box sides as fractions of the image's
+    max_box_fraction: float = Field(0.7, gt=0, le=1)
+    kl: float = Field(1.0, ge=0)  # per-pixel Bernoulli KL(teacher || student), mean
+    dice: float = Field(1.0, ge=0)  # 1 - soft dice (squared denominators) of the probabilities
+    iou: float = Field(1.0, ge=0)  # MSE of the predicted IoU to the teacher's
+    feature: float = Field(0.0, ge=0)  # MSE of the student's image embedding to the teacher's
+
+    @model_validator(mode="after")
+    def _valid(self) -> DistillConfig:
+        if self.min_box_fraction > self.max_box_fraction:
+            raise ValueError(f"min_box_fraction {self.min_box_fraction} > max_box_fraction "
+                             f"{self.max_box_fraction}")
+        if not (self.kl or self.dice or self.iou or self.feature):
+            raise ValueError("kl, dice, iou and feature are all 0: nothing to train")
+        return self
+
+
 class MlflowConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -108,8 +140,9 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # supervised: GT masks -> prompts and targets (GaRA's recipe); wesam: weak labels only,
-    # self-training with an anchor (train.wesam).
-    method: Literal["supervised", "wesam"] = "supervised"
+    # self-training with an anchor (train.wesam); distill: no labels, the frozen base on the
+    # clean source teaches the adapted model on its corrupted copy (train.distill).
+    method: Literal["supervised", "wesam", "distill"] = "supervised"
     data: str = "artifacts/corrupted/train"
     val_data: str = "artifacts/corrupted/val"
     out: str = "artifacts/adapter"
@@ -141,6 +174,7 @@ class TrainConfig(BaseModel):
     loader_workers: int = Field(0, ge=0)  # DataLoader processes per Ray worker (0: in-process)
     object_store_mb: int = Field(256, ge=75)  # object store of a local Ray we start (Ray: >= 75)
     wesam: WeSAMConfig = Field(default_factory=WeSAMConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
 

@@ -35,7 +35,7 @@ from tests.test_train import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "flows-model"
-# A flow run is the whole pipeline (5 stages, 2 Ray trainings): minutes on 2 busy cores, above
+# A flow run is the whole pipeline (6 stages, 3 Ray trainings): minutes on 2 busy cores, above
 # the suite's per-test limit. The limits here catch a hang, not a slow machine.
 pytestmark = pytest.mark.timeout(1800)
 
@@ -127,10 +127,14 @@ def stack(tmp_path_factory, s3_server, mlflow_db_template, prefect_server, tiny_
 
 
 def tiny_project(path: Path, base: Path, base_uri: str, env: dict[str, str]) -> Path:
-    """A git + DVC project: this checkout's dvc.yaml and gara/, blob images tracked by data.dvc
-    and pushed to a local remote, and a complete params.yaml sized for seconds of training."""
+    """A git + DVC project: this checkout's dvc.yaml and gara/, blob images (labelled train and
+    val, a plain unlabelled folder) tracked by data.dvc and pushed to a local remote, and a
+    complete params.yaml sized for seconds of training."""
     make_dataset(path / "data" / "train", 6, 0)
     make_dataset(path / "data" / "val", 3, 1)
+    unlabelled = make_dataset(path / "unlabelled-src", 3, 2) / "images"  # its pictures, no annotations
+    shutil.move(unlabelled, path / "data" / "unlabelled")  # a plain folder: the unlabelled kind
+    shutil.rmtree(path / "unlabelled-src")
     shutil.copy2(REPO / "dvc.yaml", path / "dvc.yaml")
     shutil.copytree(REPO / "gara", path / "gara", ignore=shutil.ignore_patterns("__pycache__"))
     write_params(path, {
@@ -265,7 +269,7 @@ def test_a_lasting_upload_fault_changes_nothing_and_a_passing_one_is_retried(sta
     assert proxy.failed == 1
     result = json.loads(once.stdout[once.stdout.index("{"):])
     assert result["stages"] == {"corrupt": "skipped", "train@gara": "skipped", "train@lora": "skipped",
-                                "evaluate": "skipped", "publish": "ran"}
+                                "train@gara_distill": "skipped", "evaluate": "skipped", "publish": "ran"}
     assert len(versions(stack)) == len(before) + 1
     assert result["published"]["version"] == versions(stack)[-1]
     publishes = {"task_runs": {"name": {"like_": "stage publish"}}}

@@ -13,6 +13,8 @@ from gara.data.sample import (
     DEFAULT_TRAIN_SIZE,
     DEFAULT_VAL_SIZE,
     SPLITS,
+    UNLABELLED_CROPS,
+    UNLABELLED_PHOTOS,
     build_sample,
     check_disjoint,
     source_instances,
@@ -39,14 +41,17 @@ def full_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_builder_is_deterministic(tmp_path: Path) -> None:
-    first = _files(build_sample(tmp_path / "a", seed=3, train_size=8, val_size=4)["train"].parent)
-    second = _files(build_sample(tmp_path / "b", seed=3, train_size=8, val_size=4)["train"].parent)
-    other = _files(build_sample(tmp_path / "c", seed=4, train_size=8, val_size=4)["train"].parent)
-    assert first.keys() == second.keys() and len(first) == 8 + 4 + 2
+    def build(folder: str, seed: int) -> dict[str, bytes]:
+        build_sample(tmp_path / folder, seed=seed, train_size=8, val_size=4, unlabelled_crops=2)
+        return _files(tmp_path / folder)
+
+    first, second, other = build("a", 3), build("b", 3), build("c", 4)
+    assert first.keys() == second.keys() and len(first) == 8 + 4 + 2 + 2 * len(UNLABELLED_PHOTOS)
     assert first == second, [k for k in first if first[k] != second[k]]
     assert first != other  # the seed matters
+    assert first["unlabelled/images/coffee_1.jpg"] != other["unlabelled/images/coffee_1.jpg"]  # crops too
     # No temp or half-built folders are left behind.
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["train", "val"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["train", "unlabelled", "val"]
 
 
 def test_rebuild_replaces_previous_output(tmp_path: Path) -> None:
@@ -74,6 +79,12 @@ def test_full_sample_is_valid_and_large(full_sample: Path) -> None:
     # Loadable as training samples, with the real photos first.
     sample = InstanceDataset(full_sample / "train")[0]
     assert sample["meta"]["source"] == "photo" and len(sample["masks"]) >= 10
+    # The unlabelled photos: a plain folder (no annotations.json), valid, many views per photo.
+    unlabelled = full_sample / "unlabelled"
+    assert validate_dataset(unlabelled) == [] and not (unlabelled / "annotations.json").exists()
+    views = sorted(p.name for p in (unlabelled / "images").iterdir())
+    assert len(views) == UNLABELLED_CROPS * len(UNLABELLED_PHOTOS) >= 8 * 10
+    assert {v.rsplit("_", 1)[0] for v in views} == set(UNLABELLED_PHOTOS)
 
 
 def test_no_val_instance_or_background_in_train(full_sample: Path) -> None:
@@ -105,6 +116,7 @@ def test_committed_sample_matches_builder(full_sample: Path) -> None:
     data = REPO / "data"
     if not (data / "train" / "annotations.json").is_file():
         pytest.skip("data/ is not present here; run `dvc pull` to fetch the embedded sample")
+    assert _files(data / "unlabelled") == _files(full_sample / "unlabelled")
     for split in SPLITS:
         committed, built = _coco(data / split), _coco(full_sample / split)
         assert validate_dataset(data / split) == [], split

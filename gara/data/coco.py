@@ -1,5 +1,7 @@
 """The dataset format: a folder holding ``annotations.json`` (COCO instance segmentation,
-polygons or RLE) and the images it names, relative to the folder.
+polygons or RLE) and the images it names, relative to the folder. A folder of images with no
+``annotations.json`` is an unlabelled dataset (:mod:`gara.data.unlabelled`): the same images,
+zero annotations.
 
 This module is the one place that reads and writes that format; validation, loading,
 corruption and evaluation all go through it.
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from gara.data.unlabelled import folder_coco, folder_images
 from gara.fsutil import atomic_write_json
 
 ANNOTATIONS_FILE = "annotations.json"
@@ -28,11 +31,21 @@ def annotations_path(root: str | Path) -> Path:
 
 
 def read_coco(root: str | Path) -> dict[str, Any]:
-    """Read ``ROOT/annotations.json`` and check its top-level shape (not the masks)."""
+    """Read ``ROOT/annotations.json`` and check its top-level shape (not the masks); a folder
+    without one that holds images is read as an unlabelled dataset."""
     path = annotations_path(root)
-    if not path.is_file():
-        raise DatasetFormatError(f"{path}: missing; a dataset folder needs {ANNOTATIONS_FILE}")
-    return parse_coco(path.read_bytes(), str(path))
+    if path.is_file():
+        return parse_coco(path.read_bytes(), str(path))
+    if is_image_folder(root):
+        return folder_coco(root)
+    raise DatasetFormatError(f"{path}: missing; a dataset folder needs {ANNOTATIONS_FILE} "
+                             "(labelled) or image files (unlabelled)")
+
+
+def is_image_folder(root: str | Path) -> bool:
+    """A folder with no annotations.json that holds image files: an unlabelled dataset."""
+    root = Path(root)
+    return root.is_dir() and not annotations_path(root).exists() and bool(folder_images(root))
 
 
 def parse_coco(raw: bytes, where: str) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from gara.data.coco import (
     ANNOTATIONS_FILE,
     DatasetFormatError,
     annotation_mask,
+    is_image_folder,
     mask_bbox,
     mask_to_rle,
     parse_coco,
@@ -52,6 +53,7 @@ from gara.data.corruptions import (
     single_threaded_cv2,
 )
 from gara.data.storage import DatasetStore, LocalStore, open_store, same_location
+from gara.data.unlabelled import UNREADABLE_KEY, folder_coco
 from gara.fsutil import atomic_write_bytes, json_bytes
 from gara.seeding import seeded_rng
 
@@ -347,10 +349,17 @@ def corrupt_dataset(
         raise ValueError(f"output folder {out} is the input folder; choose another --out")
 
     raw_coco = data_store.read_optional(ANNOTATIONS_FILE)
-    if raw_coco is None:
+    if raw_coco is not None:
+        coco = parse_coco(raw_coco, data_store.describe(ANNOTATIONS_FILE))
+    elif isinstance(data_store, LocalStore) and is_image_folder(data_store.root):
+        coco = folder_coco(data_store.root)  # unlabelled: the pairs carry no annotations
+        unreadable = [e["file_name"] for e in coco["images"] if UNREADABLE_KEY in e]
+        if unreadable:
+            raise DatasetFormatError(f"{data}: {len(unreadable)} image(s) do not decode: "
+                                     f"{', '.join(unreadable[:10])} (gara data validate {data} says why)")
+    else:
         raise DatasetFormatError(f"{data_store.describe(ANNOTATIONS_FILE)}: missing; a dataset needs "
-                                 f"{ANNOTATIONS_FILE}")
-    coco = parse_coco(raw_coco, data_store.describe(ANNOTATIONS_FILE))
+                                 f"{ANNOTATIONS_FILE} (or, in a local folder, image files)")
     by_image: dict[Any, list[dict[str, Any]]] = {}
     for ann in coco["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)

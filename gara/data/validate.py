@@ -1,7 +1,8 @@
 """Dataset validation: find every problem in a dataset folder, not just the first.
 
 A dataset folder holds ``annotations.json`` (COCO instance segmentation) and the images it
-names (see :mod:`gara.data.coco`). :func:`validate_dataset` decodes every image and every
+names (see :mod:`gara.data.coco`), or only images (an unlabelled dataset,
+:mod:`gara.data.unlabelled`). :func:`validate_dataset` decodes every image and every
 mask, so a truncated JPEG or an RLE of the wrong size is caught here, before training or
 evaluation trips over it hours later.
 """
@@ -26,9 +27,11 @@ from gara.data.coco import (
     ANNOTATIONS_FILE,
     annotation_mask,
     annotations_path,
+    is_image_folder,
     mask_bbox,
     read_coco,
 )
+from gara.data.unlabelled import UNREADABLE_KEY, folder_coco
 
 # How far a stored bbox may differ from the mask's tight box: polygon extents are floats and
 # rasterisation rounds them, so allow a couple of pixels (or 5 % of the box on large boxes).
@@ -36,6 +39,10 @@ BBOX_TOLERANCE_PX = 2.0
 BBOX_TOLERANCE_FRAC = 0.05
 
 _PNG_IEND = b"IEND"
+
+# An image smaller than this on either side holds nothing a prompt box or a 1024 px model can
+# use (a thumbnail, an icon, a stray file).
+MIN_IMAGE_SIDE = 32
 
 
 class ProblemKind(StrEnum):
@@ -46,6 +53,7 @@ class ProblemKind(StrEnum):
     MISSING_FILE = "missing-file"
     UNREADABLE_IMAGE = "unreadable-image"
     SIZE_MISMATCH = "size-mismatch"
+    TOO_SMALL = "too-small"
     UNKNOWN_IMAGE = "unknown-image"
     UNKNOWN_CATEGORY = "unknown-category"
     BAD_SEGMENTATION = "bad-segmentation"
@@ -141,6 +149,10 @@ def _image_problem(root: Path, entry: dict[str, Any]) -> list[Problem]:
             f"width={entry['width']} height={entry['height']}",
             image_id=image_id,
         )]
+    if min(height, width) < MIN_IMAGE_SIDE:
+        return [Problem(ProblemKind.TOO_SMALL, rel,
+                        f"image is {width}x{height}: both sides must be >= {MIN_IMAGE_SIDE} px",
+                        image_id=image_id)]
     return []
 
 
@@ -196,9 +208,12 @@ class _Validator:
 
     def load_json(self) -> dict[str, Any] | None:
         path = annotations_path(self.root)
+        if is_image_folder(self.root):
+            return folder_coco(self.root)
         if not path.is_file():
             self.add(ProblemKind.MISSING_FILE,
-                     f"{path} does not exist; a dataset folder needs {ANNOTATIONS_FILE}")
+                     f"{path} does not exist; a dataset folder needs {ANNOTATIONS_FILE} "
+                     "(labelled) or image files (unlabelled)")
             return None
         try:
             coco = json.loads(path.read_text(encoding="utf-8"))
@@ -257,6 +272,11 @@ class _Validator:
             what = f"images[{index}]"
             if self.missing_keys(what, entry, ("id", "file_name", "height", "width"),
                                  image_id=image_id):
+                continue
+            if UNREADABLE_KEY in entry:  # a plain folder's image whose header did not parse
+                self.add(ProblemKind.UNREADABLE_IMAGE,
+                         f"cannot decode {self.root / entry['file_name']}: {entry[UNREADABLE_KEY]}",
+                         file=entry["file_name"], image_id=image_id)
                 continue
             if not _is_int(image_id):
                 self.add(ProblemKind.BAD_VALUE, f"{what}: id must be an integer, got {image_id!r}",

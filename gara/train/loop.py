@@ -4,8 +4,9 @@
 ``train`` (the params sections, paths already absolute), ``mlflow`` (tracking URI + run id
 of the run the driver created, or None) and an optional ``fault_injection`` (tests).
 
-The training method (``train.method``: ``supervised``, or ``wesam``, gara/train/wesam.py) is
-chosen once and brings its dataset, the module DDP wraps, batches and step; the rest is shared.
+The training method (``train.method``: ``supervised``; ``wesam``, gara/train/wesam.py;
+``distill``, gara/train/distill.py) is chosen once and brings its dataset, the module DDP
+wraps, batches and step; the rest is shared.
 Per worker: frozen base + fresh adapter, DDP over the adapter parameters (gloo on CPU,
 NCCL on GPU), a seeded DistributedSampler shard of the training set, Adam, grad clipping,
 optional bf16/fp16 autocast (GPU, or bf16 on a CPU that runs it natively). Every epoch:
@@ -43,6 +44,7 @@ from gara.models.factory import build_segmenter
 from gara.models.segmenter import Segmenter
 from gara.seeding import derive_seed
 from gara.train.batches import TrainBatch, build_batch
+from gara.train.distill import Distill
 from gara.train.losses import LossTerms, LossWeights, loss_weights, segmentation_loss
 from gara.train.optim import apply_gradients
 from gara.train.validation import quick_validation, validation_indices
@@ -122,10 +124,15 @@ class Supervised:
         return float(terms.total.detach()), metrics, ranks
 
 
-def training_method(train: TrainConfig, segmenter: Segmenter) -> Supervised | WeSAM:
-    """The method ``train.method`` names, chosen once: its dataset, the module DDP wraps, and
-    its batch and step functions (every method shares the rest of the loop)."""
-    return WeSAM(train, segmenter) if train.method == "wesam" else Supervised(train, segmenter)
+# train.method -> its class: each brings its dataset, the module DDP wraps, batches and steps.
+TRAINING_METHODS: dict[str, type[Supervised | WeSAM | Distill]] = {
+    "supervised": Supervised, "wesam": WeSAM, "distill": Distill,
+}
+
+
+def training_method(train: TrainConfig, segmenter: Segmenter) -> Supervised | WeSAM | Distill:
+    """The method ``train.method`` names, chosen once (every method shares the rest of the loop)."""
+    return TRAINING_METHODS[train.method](train, segmenter)
 
 
 @dataclass

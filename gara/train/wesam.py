@@ -45,6 +45,7 @@ from gara.train.anchor import adapters_disabled
 from gara.train.batches import at_most, choose_kind, logits_size
 from gara.train.losses import LossWeights, dice_loss, loss_weights, segmentation_loss, valid_region
 from gara.train.optim import apply_gradients
+from gara.train.passes import SegmentAndEmbed
 from gara.train.views import strong_view, weak_view
 
 ANCHOR_HALF = 0.5  # L_anchor weighs the student's and the teacher's dice equally
@@ -113,21 +114,6 @@ def build_wesam_batch(
         [valid_region(m, segmenter.transform, size) for m in metas],
         has_instances,
     )
-
-
-# --- the model pass DDP sees -----------------------------------------------------------------
-class TeacherStudent(nn.Module):
-    """What DDP wraps for WeSAM: the adapted segmenter on [weak; strong] views in one forward,
-    returning the decoder's outputs and the image embeddings (L_contrast needs the teacher's).
-    One forward (not two) keeps DDP to one reduction per step."""
-
-    def __init__(self, segmenter: Segmenter):
-        super().__init__()
-        self.segmenter = segmenter
-
-    def forward(self, images: torch.Tensor, prompts: list[Prompts]) -> tuple[SegmenterOutput, torch.Tensor]:
-        embeddings = self.segmenter.encode(images)
-        return self.segmenter.decode(embeddings, prompts), self.segmenter.image_embedding(embeddings)
 
 
 # --- losses --------------------------------------------------------------------------------
@@ -249,7 +235,7 @@ def wesam_step(
     autocast: torch.autocast | None = None,
     scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[WeSAMTerms, dict[str, float]]:
-    """One optimisation step. ``model`` is the (possibly DDP-wrapped) ``TeacherStudent`` of
+    """One optimisation step. ``model`` is the (possibly DDP-wrapped) ``SegmentAndEmbed`` of
     ``segmenter``. Returns the loss terms and the mean effective rank per GaRA layer."""
     def amp() -> contextlib.AbstractContextManager:
         return autocast if autocast is not None else contextlib.nullcontext()
@@ -277,7 +263,7 @@ class WeSAM:
 
     def __init__(self, train: TrainConfig, segmenter: Segmenter):
         self.train, self.config, self.segmenter = train, train.wesam, segmenter
-        self.module = TeacherStudent(segmenter)
+        self.module = SegmentAndEmbed(segmenter)  # teacher and student: one pass over both views
         self.dataset = WeakLabelDataset(train.data, train.wesam.weak_labels, train.wesam.n_points, train.seed,
                                         train.on_error)
         self.weights = loss_weights(train)
