@@ -111,7 +111,7 @@ def data_validate(
     """Check a dataset folder; print every problem and exit 1 if there is any."""
     from gara.data.validate import format_problems, ok_summary, validate_dataset
 
-    problems = validate_dataset(path)
+    problems = validate_dataset(path, unlabelled=True)
     if problems:
         typer.echo(format_problems(problems))
         typer.echo(f"{path}: {len(problems)} problem(s)", err=True)

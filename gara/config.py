@@ -98,7 +98,7 @@ class DistillConfig(BaseModel):
 
     The teacher is the frozen base on a clean image, the student the adapted model on a
     corrupted copy of it (or on the clean image itself, so Clear is kept); prompts are random
-    boxes, so no annotation is read. Each term's weight may be 0 (off); every term is 0 when
+    boxes or clicks, so no annotation is read. Each term's weight may be 0 (off); every term is 0 when
     the student answers exactly as the teacher.
     """
 
@@ -107,7 +107,7 @@ class DistillConfig(BaseModel):
     # One kind drawn per image per step: box (random boxes), point (one random click each).
     # LiteMedSAM answers to boxes only; SAM and SAM 2.1 take both.
     prompts: list[Literal["box", "point"]] = Field(default_factory=lambda: ["box"], min_length=1)
-    boxes_per_image: int = Field(4, ge=1)  # random prompts per image per step (the labelled sets: ~4)
+    prompts_per_image: int = Field(4, ge=1)  # random prompts per image per step (the labelled sets: ~4)
     min_box_fraction: float = Field(0.1, gt=0, le=1)  # box sides as fractions of the image's
     max_box_fraction: float = Field(0.7, gt=0, le=1)
     kl: float = Field(1.0, ge=0)  # per-pixel Bernoulli KL(teacher || student), mean

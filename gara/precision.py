@@ -37,3 +37,8 @@ def autocast(device: torch.device | str, mode: MixedPrecision) -> contextlib.Abs
             return contextlib.nullcontext()
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+
+
+def or_nothing(autocast: torch.autocast | None) -> contextlib.AbstractContextManager:
+    """The training step's autocast (None: float32) as a context manager."""
+    return autocast if autocast is not None else contextlib.nullcontext()

@@ -1,7 +1,7 @@
 """The dataset format: a folder holding ``annotations.json`` (COCO instance segmentation,
 polygons or RLE) and the images it names, relative to the folder. A folder of images with no
-``annotations.json`` is an unlabelled dataset (:mod:`gara.data.unlabelled`): the same images,
-zero annotations.
+``annotations.json`` is an unlabelled dataset (:mod:`gara.data.unlabelled`), read as the same
+images with zero annotations where a command asks for it (validation, ``gara corrupt``'s input).
 
 This module is the one place that reads and writes that format; validation, loading,
 corruption and evaluation all go through it.
@@ -20,6 +20,9 @@ from gara.data.unlabelled import folder_coco, folder_images
 from gara.fsutil import atomic_write_json
 
 ANNOTATIONS_FILE = "annotations.json"
+# Where `gara corrupt` keeps per-image records while it writes a dataset; annotations.json comes
+# last, so a folder holding this one and no annotations.json is an unfinished output.
+RECORDS_DIR = ".records"
 
 
 class DatasetFormatError(ValueError):
@@ -30,22 +33,34 @@ def annotations_path(root: str | Path) -> Path:
     return Path(root) / ANNOTATIONS_FILE
 
 
-def read_coco(root: str | Path) -> dict[str, Any]:
-    """Read ``ROOT/annotations.json`` and check its top-level shape (not the masks); a folder
-    without one that holds images is read as an unlabelled dataset."""
+def read_coco(root: str | Path, *, unlabelled: bool = False) -> dict[str, Any]:
+    """Read ``ROOT/annotations.json`` and check its top-level shape (not the masks). With
+    ``unlabelled``, a folder without one that holds images is read as an unlabelled dataset;
+    elsewhere a missing annotations.json stays an error (a labelled split that was not pulled
+    must never pass as a set with no labels)."""
     path = annotations_path(root)
     if path.is_file():
         return parse_coco(path.read_bytes(), str(path))
-    if is_image_folder(root):
+    if unlabelled and is_image_folder(root):
         return folder_coco(root)
-    raise DatasetFormatError(f"{path}: missing; a dataset folder needs {ANNOTATIONS_FILE} "
-                             "(labelled) or image files (unlabelled)")
+    raise DatasetFormatError(f"{path}: missing; {missing_annotations_hint(root, unlabelled)}")
+
+
+def missing_annotations_hint(root: str | Path, unlabelled: bool) -> str:
+    """What a folder without annotations.json needs, in words."""
+    hint = f"a dataset folder needs {ANNOTATIONS_FILE}" + (
+        " (labelled) or image files (unlabelled)" if unlabelled else "")
+    if (Path(root) / RECORDS_DIR).is_dir():
+        hint += f"; {RECORDS_DIR}/ there marks an unfinished `gara corrupt` output: run it again"
+    return hint
 
 
 def is_image_folder(root: str | Path) -> bool:
-    """A folder with no annotations.json that holds image files: an unlabelled dataset."""
+    """A folder with image files and neither annotations.json nor an unfinished `gara corrupt`
+    output's records: an unlabelled dataset."""
     root = Path(root)
-    return root.is_dir() and not annotations_path(root).exists() and bool(folder_images(root))
+    return (root.is_dir() and not annotations_path(root).exists() and not (root / RECORDS_DIR).exists()
+            and bool(folder_images(root)))
 
 
 def parse_coco(raw: bytes, where: str) -> dict[str, Any]:

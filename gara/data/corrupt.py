@@ -37,6 +37,7 @@ from tqdm import tqdm
 from gara.cluster import RayWorkers, map_on_actors
 from gara.data.coco import (
     ANNOTATIONS_FILE,
+    RECORDS_DIR,
     DatasetFormatError,
     annotation_mask,
     is_image_folder,
@@ -60,7 +61,6 @@ from gara.seeding import seeded_rng
 log = logging.getLogger(__name__)
 
 CLEAN = "clean"
-RECORDS_DIR = ".records"
 # PNG is lossless whatever the settings; these are ~2.5x faster than OpenCV's defaults (encoding
 # dominated the run time) for files ~5% larger: up-filter, zlib level 1, run-length strategy.
 PNG_PARAMS = [

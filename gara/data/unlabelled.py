@@ -17,7 +17,8 @@ from typing import Any
 from PIL import Image
 
 UNREADABLE_KEY = "unreadable"  # set on an entry whose header did not parse
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+# What counts as an image file by its name, everywhere a folder of images is read.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def folder_images(root: str | Path) -> list[str]:

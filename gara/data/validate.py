@@ -29,6 +29,7 @@ from gara.data.coco import (
     annotations_path,
     is_image_folder,
     mask_bbox,
+    missing_annotations_hint,
     read_coco,
 )
 from gara.data.unlabelled import UNREADABLE_KEY, folder_coco
@@ -181,9 +182,11 @@ def _duplicates(ids: Iterable[Any]) -> set[Any]:
 class _Validator:
     """Collects problems while walking one dataset's annotation file."""
 
-    def __init__(self, root: Path, workers: int) -> None:
+    def __init__(self, root: Path, workers: int, unlabelled: bool) -> None:
         self.root = root
         self.workers = workers
+        self.unlabelled = unlabelled  # may the folder be a plain folder of images?
+        self.plain_folder = unlabelled and is_image_folder(root)
         self.problems: list[Problem] = []
         self.images: dict[Any, dict[str, Any]] = {}  # id -> entry (well-formed entries only)
         self.category_ids: set[Any] = set()
@@ -208,12 +211,11 @@ class _Validator:
 
     def load_json(self) -> dict[str, Any] | None:
         path = annotations_path(self.root)
-        if is_image_folder(self.root):
+        if self.plain_folder:
             return folder_coco(self.root)
         if not path.is_file():
             self.add(ProblemKind.MISSING_FILE,
-                     f"{path} does not exist; a dataset folder needs {ANNOTATIONS_FILE} "
-                     "(labelled) or image files (unlabelled)")
+                     f"{path} does not exist; {missing_annotations_hint(self.root, self.unlabelled)}")
             return None
         try:
             coco = json.loads(path.read_text(encoding="utf-8"))
@@ -273,7 +275,7 @@ class _Validator:
             if self.missing_keys(what, entry, ("id", "file_name", "height", "width"),
                                  image_id=image_id):
                 continue
-            if UNREADABLE_KEY in entry:  # a plain folder's image whose header did not parse
+            if self.plain_folder and UNREADABLE_KEY in entry:  # its header did not parse
                 self.add(ProblemKind.UNREADABLE_IMAGE,
                          f"cannot decode {self.root / entry['file_name']}: {entry[UNREADABLE_KEY]}",
                          file=entry["file_name"], image_id=image_id)
@@ -470,15 +472,17 @@ class _Validator:
                     return
 
 
-def validate_dataset(root: str | Path, *, workers: int | None = None) -> list[Problem]:
-    """Return every problem found in the dataset folder ``root`` (empty list: valid).
+def validate_dataset(root: str | Path, *, workers: int | None = None, unlabelled: bool = False
+                     ) -> list[Problem]:
+    """Return every problem found in the dataset folder ``root`` (empty list: valid); with
+    ``unlabelled``, a plain folder of images is checked as an unlabelled dataset.
 
     Checks the annotation file's JSON and keys, duplicate ids, that every image file exists,
     decodes completely and has the declared size, and that every annotation names a real
     image and category, has a well-formed, in-bounds, non-empty mask and a box matching it.
     """
     workers = workers or min(8, os.cpu_count() or 1)
-    return _Validator(Path(root), workers).run()
+    return _Validator(Path(root), workers, unlabelled).run()
 
 
 def format_problems(problems: list[Problem]) -> str:
@@ -495,7 +499,7 @@ def format_problems(problems: list[Problem]) -> str:
 
 
 def ok_summary(root: str | Path) -> str:
-    """One line for a dataset that passed validation."""
-    coco = read_coco(root)
+    """One line for a dataset that passed validation (a plain folder of images included)."""
+    coco = read_coco(root, unlabelled=True)
     return (f"OK: {root}: {len(coco['images'])} images, {len(coco['annotations'])} instances, "
             f"{len(coco['categories'])} categories, no problems")

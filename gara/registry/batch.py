@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+from gara.data.unlabelled import IMAGE_SUFFIXES
 
 
 class BatchInputError(ValueError):

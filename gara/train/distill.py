@@ -4,7 +4,7 @@ corrupted copy of it (``train.method: distill``, ``train.distill``).
 Every image ``gara corrupt`` writes knows its clean source (``source_image_id``; the clean copy
 is the variant ``corruption: clean``). One step, per image of the batch:
 
-1. prompts: ``boxes_per_image`` random boxes over the image (sides between ``min_box_fraction``
+1. prompts: ``prompts_per_image`` random boxes over the image (sides between ``min_box_fraction``
    and ``max_box_fraction`` of the image's) or as many random clicks (``prompts``: one kind
    drawn per image), seeded by (seed, epoch, image id); nothing is read from annotations, and
    samples carry no masks (the step refuses one that does);
@@ -14,15 +14,16 @@ is the variant ``corruption: clean``). One step, per image of the batch:
    (which keeps Clear where it was);
 4. loss = kl KL(teacher || student) per pixel + dice (1 - soft dice of the two probability
    maps) + iou MSE(predicted IoU, teacher's) [+ feature MSE(student's image embedding,
-   teacher's)], at the decoder's low-res logits on the valid cells, instances weighted equally.
+   teacher's)], at the decoder's low-res logits on the valid cells, instances weighted equally;
+   logged as ``loss/kl``, ``loss/soft_dice``, ``loss/iou_to_teacher`` (``loss/feature``).
 
 Every term is exactly 0 when the student's outputs equal the teacher's, so adapters at their
 init (which reproduce the base) start at zero loss on clean pairs and are pulled only where
 a corruption moves the answer: training stays near the base. (A hard-target focal + dice, as
 the supervised recipe uses, is not 0 there: it would push a correct student towards
-saturated logits.) The dice uses squared denominators, 2 sum(p q) / (sum p^2 + sum q^2), which
-is 1 exactly when p = q. ``teacher_agreement`` (IoU of the student's mask against the
-teacher's) is logged every step.
+saturated logits.) The dice uses squared denominators, (2 sum(p q) + eps) / (sum p^2 + sum q^2
++ eps), which is 1 exactly when p = q, however small p is (a confidently empty mask).
+``teacher_agreement`` (IoU of the student's mask against the teacher's) is logged every step.
 
 Geometric corruptions (zoom blur, elastic, frosted glass) move pixels, so the clean source's
 answer no longer lines up with the variant: those variants are left out, and counted.
@@ -30,7 +31,7 @@ answer no longer lines up with the variant: those variants are left out, and cou
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gara import precision
 from gara.config import DistillConfig, TrainConfig
-from gara.data.coco import DatasetFormatError
+from gara.data.coco import DatasetFormatError, is_image_folder
 from gara.data.corrupt import CLEAN
 from gara.data.corruptions import GEOMETRIC_NAMES
 from gara.data.dataset import InstanceDataset, read_entry_image
@@ -57,7 +59,7 @@ from gara.train.passes import SegmentAndEmbed
 
 logger = logging.getLogger(__name__)
 
-DICE_EPS = 1e-6  # keeps an all-zero pair finite; far below any real sum of squares
+DICE_EPS = 1e-6  # keeps an all-zero pair at distance 0; far below any real sum of squares
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -73,12 +75,17 @@ class DistillSample(TypedDict):
 class PairedImages:
     """The (variant, clean source) pairs of a ``gara corrupt`` output, labelled or not.
 
-    The folder is validated as every dataset is (``on_error`` as for training); annotations,
-    if any, are never read. Variants under a geometric corruption are left out (logged, and
-    counted in ``geometric_skipped``).
+    The folder is validated as every dataset is (``on_error`` as for training; annotations, if
+    any, are checked there but never given to training). Variants under a geometric corruption,
+    and variants whose clean copy is not in the set (skipped, or missing), are left out, logged
+    and counted (``geometric_skipped``, ``unpaired_skipped``).
     """
 
     def __init__(self, root: str | Path, on_error: str = "fail") -> None:
+        if is_image_folder(root):
+            raise DatasetFormatError(f"{root}: a plain folder of images; train.method distill trains on its "
+                                     f"clean/corrupted pairs: run `gara corrupt --data {root} --out DIR` and "
+                                     "train on DIR")
         self.images = InstanceDataset(root, on_error=on_error)
         self.root = self.images.root
         entries = [self.images.entry(i)[0] for i in range(len(self.images))]
@@ -89,13 +96,17 @@ class PairedImages:
                 f"image entries (e.g. {unpaired[0]}) have no source_image_id/corruption: run "
                 f"`gara corrupt --data {self.root} --out DIR` and train on DIR")
         clean = {e["source_image_id"]: e for e in entries if e["corruption"] == CLEAN}
-        self.geometric_skipped = sum(e["corruption"] in GEOMETRIC_NAMES for e in entries)
-        self.pairs = [(e, clean[e["source_image_id"]]) for e in entries
-                      if e["corruption"] not in GEOMETRIC_NAMES and e["source_image_id"] in clean]
+        aligned = [e for e in entries if e["corruption"] not in GEOMETRIC_NAMES]
+        self.geometric_skipped = len(entries) - len(aligned)
+        self.pairs = [(e, clean[e["source_image_id"]]) for e in aligned if e["source_image_id"] in clean]
+        self.unpaired_skipped = len(aligned) - len(self.pairs)
         if self.geometric_skipped:
             logger.warning("%s: %d variant(s) under a geometric corruption (%s) left out: their clean "
                            "source no longer lines up", self.root, self.geometric_skipped,
                            ", ".join(GEOMETRIC_NAMES))
+        if self.unpaired_skipped:
+            logger.warning("%s: %d variant(s) left out: their clean copy is not in the set", self.root,
+                           self.unpaired_skipped)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -109,13 +120,13 @@ class PairedImages:
         return DistillSample(
             image=image, clean=clean, image_id=int(entry["id"]), file_name=str(entry["file_name"]),
             clean_file_name=str(source["file_name"]),
-            meta={k: entry[k] for k in ("corruption", "severity", "source_image_id")},
+            meta={k: entry.get(k) for k in ("corruption", "severity", "source_image_id")},
         )
 
 
 def random_boxes(height: int, width: int, config: DistillConfig, rng: np.random.Generator) -> np.ndarray:
-    """``config.boxes_per_image`` boxes (K, 4) xyxy in pixels, inside the image."""
-    n = config.boxes_per_image
+    """``config.prompts_per_image`` boxes (K, 4) xyxy in pixels, inside the image."""
+    n = config.prompts_per_image
     fractions = rng.uniform(config.min_box_fraction, config.max_box_fraction, size=(n, 2))
     sizes = np.maximum(fractions * [width, height], 1.0)
     x0 = rng.uniform(0, 1, n) * (width - sizes[:, 0])
@@ -125,13 +136,13 @@ def random_boxes(height: int, width: int, config: DistillConfig, rng: np.random.
 
 def random_prompts(height: int, width: int, kind: str, config: DistillConfig, rng: np.random.Generator
                    ) -> Prompts:
-    """``config.boxes_per_image`` prompts of ``kind`` over an image: boxes, or one positive
+    """``config.prompts_per_image`` prompts of ``kind`` over an image: boxes, or one positive
     click each (uniform over the image)."""
     if kind == "box":
         return Prompts(boxes=torch.from_numpy(random_boxes(height, width, config, rng)))
-    clicks = rng.uniform(0, 1, size=(config.boxes_per_image, 1, 2)) * [width, height]
+    clicks = rng.uniform(0, 1, size=(config.prompts_per_image, 1, 2)) * [width, height]
     return Prompts(points=torch.from_numpy(clicks.astype(np.float32)),
-                   labels=torch.ones(config.boxes_per_image, 1, dtype=torch.int64))
+                   labels=torch.ones(config.prompts_per_image, 1, dtype=torch.int64))
 
 
 @dataclass
@@ -182,13 +193,13 @@ def bernoulli_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def soft_dice_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """1 - 2 sum(p q) / (sum p^2 + sum q^2) per mask (K,); 0 when the probabilities are equal."""
     p, q = torch.sigmoid(student).flatten(1), torch.sigmoid(teacher).flatten(1)
-    return 1 - 2 * (p * q).sum(1) / ((p * p).sum(1) + (q * q).sum(1) + DICE_EPS)
+    return 1 - (2 * (p * q).sum(1) + DICE_EPS) / ((p * p).sum(1) + (q * q).sum(1) + DICE_EPS)
 
 
 @dataclass
 class DistillTerms:
     total: torch.Tensor  # weighted sum of the terms that are on, with grad
-    metrics: dict[str, float]  # loss/kl, loss/dice, loss/iou_mse, loss/feature, teacher_agreement
+    metrics: dict[str, float]  # loss/kl, loss/soft_dice, loss/iou_to_teacher, loss/feature, teacher_agreement
 
 
 def distill_loss(
@@ -214,8 +225,8 @@ def distill_loss(
         n += len(s)
     kl, dice, mse = kl / n, dice / n, mse / n
     parts = [config.kl * kl, config.dice * dice, config.iou * mse]
-    metrics = {"loss/kl": float(kl.detach()), "loss/dice": float(dice.detach()),
-               "loss/iou_mse": float(mse.detach()), "teacher_agreement": float(agreement) / n}
+    metrics = {"loss/kl": float(kl.detach()), "loss/soft_dice": float(dice.detach()),
+               "loss/iou_to_teacher": float(mse.detach()), "teacher_agreement": float(agreement) / n}
     if config.feature:
         feature = F.mse_loss(student_embeddings.float(), teacher_embeddings.detach().float())
         parts.append(config.feature * feature)
@@ -236,9 +247,7 @@ def distill_step(
 ) -> tuple[DistillTerms, dict[str, float]]:
     """One optimisation step. ``model`` is the (possibly DDP-wrapped) ``SegmentAndEmbed`` of
     ``segmenter``. Returns the loss terms and the mean effective rank per GaRA layer."""
-    def amp() -> contextlib.AbstractContextManager:
-        return autocast if autocast is not None else contextlib.nullcontext()
-
+    amp = functools.partial(precision.or_nothing, autocast)
     with torch.no_grad(), adapters_disabled(segmenter), amp():
         encoded = segmenter.encode(batch.teacher)  # the teacher only ever sees the clean sources
         teacher = segmenter.decode(encoded, batch.prompts)

@@ -30,7 +30,7 @@ from typing import Any
 
 from gara.cluster import ray_session
 from gara.config import Params
-from gara.data.coco import DatasetFormatError, annotations_path
+from gara.data.coco import ANNOTATIONS_FILE, DatasetFormatError, annotations_path, is_image_folder, read_coco
 from gara.models.backbones import get_backbone_spec
 from gara.models.checkpoints import CheckpointError, resolve_checkpoint
 from gara.models.manifest import read_manifest
@@ -149,11 +149,26 @@ def _swap_in(src: Path, out: Path) -> None:
 
 
 def check_data(params: Params) -> None:
-    """Fail in the driver, before a run or a cluster exists, on a missing dataset folder."""
+    """Fail in the driver, before a run or a cluster exists, on a missing dataset folder or on
+    training data the method cannot learn from (labels for supervised and WeSAM, clean/corrupted
+    pairs for distill)."""
+    train = params.train
+    corrupt_first = (f"`gara corrupt --data {train.data} --out PAIRS`, then train.data=PAIRS with "
+                     "train.method=distill")
     for key in ("data", "val_data"):
-        folder = getattr(params.train, key)
+        folder = getattr(train, key)
         if not annotations_path(folder).is_file():
-            raise DatasetFormatError(f"train.{key} = {folder}: no {annotations_path(folder).name} there")
+            hint = f": a plain folder of images (unlabelled); run {corrupt_first}" if (
+                key == "data" and is_image_folder(folder)) else ""
+            raise DatasetFormatError(f"train.{key} = {folder}: no {ANNOTATIONS_FILE} there{hint}")
+    coco = read_coco(train.data)
+    if train.method == "distill":
+        if not any(isinstance(e, dict) and "source_image_id" in e for e in coco["images"]):
+            raise DatasetFormatError(f"train.data = {train.data}: no clean/corrupted pairs (image entries "
+                                     f"with source_image_id) for train.method distill; run {corrupt_first}")
+    elif not coco["annotations"]:
+        raise DatasetFormatError(f"train.data = {train.data}: no annotations (an unlabelled set), but "
+                                 f"train.method {train.method} learns from labels; use train.method=distill")
 
 
 def train(params: Params, extra_loop_config: dict[str, Any] | None = None) -> TrainResult:

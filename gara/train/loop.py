@@ -19,7 +19,6 @@ Only rank 0 talks to MLflow.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
@@ -84,8 +83,7 @@ def train_step(
 
     Returns the loss terms and the mean effective rank per GaRA layer for this batch.
     """
-    ctx = autocast if autocast is not None else contextlib.nullcontext()
-    with ctx:
+    with precision.or_nothing(autocast):
         out = model(batch.images, batch.prompts)
     terms = segmentation_loss(out.low_res_logits, out.iou_predictions, batch.targets, batch.regions, weights)
     loss = terms.total if batch.has_instances else terms.total * 0.0

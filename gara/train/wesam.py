@@ -27,7 +27,7 @@ prototypes pool binary masks, not raw logits.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gara import precision
 from gara.config import TrainConfig, WeSAMConfig
 from gara.data.weak_labels import WeakLabelDataset, WeakSample, weak_prompts
 from gara.models.adapters.gara import effective_ranks
@@ -237,8 +238,7 @@ def wesam_step(
 ) -> tuple[WeSAMTerms, dict[str, float]]:
     """One optimisation step. ``model`` is the (possibly DDP-wrapped) ``SegmentAndEmbed`` of
     ``segmenter``. Returns the loss terms and the mean effective rank per GaRA layer."""
-    def amp() -> contextlib.AbstractContextManager:
-        return autocast if autocast is not None else contextlib.nullcontext()
+    amp = functools.partial(precision.or_nothing, autocast)
 
     anchor = anchor_embeddings = None
     if config.anchor or config.contrastive:  # self-training alone never needs the anchor
