@@ -31,7 +31,6 @@ answer no longer lines up with the variant: those variants are left out, and cou
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,7 @@ from gara.data.dataset import InstanceDataset, read_entry_image
 from gara.models.adapters.gara import effective_ranks
 from gara.models.segmenter import Prompts, Segmenter, SegmenterOutput
 from gara.seeding import seeded_rng
-from gara.train.anchor import adapters_disabled
+from gara.train.anchor import frozen_base_pass
 from gara.train.batches import choose_kind, logits_size
 from gara.train.losses import mask_iou, valid_region
 from gara.train.optim import apply_gradients
@@ -247,12 +246,10 @@ def distill_step(
 ) -> tuple[DistillTerms, dict[str, float]]:
     """One optimisation step. ``model`` is the (possibly DDP-wrapped) ``SegmentAndEmbed`` of
     ``segmenter``. Returns the loss terms and the mean effective rank per GaRA layer."""
-    amp = functools.partial(precision.or_nothing, autocast)
-    with torch.no_grad(), adapters_disabled(segmenter), amp():
-        encoded = segmenter.encode(batch.teacher)  # the teacher only ever sees the clean sources
-        teacher = segmenter.decode(encoded, batch.prompts)
-        teacher_embeddings = segmenter.image_embedding(encoded) if config.feature else None
-    with amp():
+    # The teacher only ever sees the clean sources.
+    teacher, teacher_embeddings = frozen_base_pass(segmenter, batch.teacher, batch.prompts, autocast,
+                                                   embeddings=bool(config.feature))
+    with precision.or_nothing(autocast):
         student, student_embeddings = model(batch.student, batch.prompts)
     terms = distill_loss(student, teacher, student_embeddings, teacher_embeddings, batch.regions, config)
     apply_gradients(terms.total, optimizer, grad_clip, scaler)

@@ -27,7 +27,6 @@ prototypes pool binary masks, not raw logits.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +41,7 @@ from gara.models.adapters.gara import effective_ranks
 from gara.models.segmenter import Prompts, Segmenter, SegmenterOutput
 from gara.models.transforms import ImageMeta
 from gara.seeding import derive_seed, seeded_rng
-from gara.train.anchor import adapters_disabled
+from gara.train.anchor import frozen_base_pass
 from gara.train.batches import at_most, choose_kind, logits_size
 from gara.train.losses import LossWeights, dice_loss, loss_weights, segmentation_loss, valid_region
 from gara.train.optim import apply_gradients
@@ -238,16 +237,11 @@ def wesam_step(
 ) -> tuple[WeSAMTerms, dict[str, float]]:
     """One optimisation step. ``model`` is the (possibly DDP-wrapped) ``SegmentAndEmbed`` of
     ``segmenter``. Returns the loss terms and the mean effective rank per GaRA layer."""
-    amp = functools.partial(precision.or_nothing, autocast)
-
     anchor = anchor_embeddings = None
     if config.anchor or config.contrastive:  # self-training alone never needs the anchor
-        with torch.no_grad(), adapters_disabled(segmenter), amp():
-            encoded = segmenter.encode(batch.weak)
-            anchor = segmenter.decode(encoded, batch.prompts)
-            anchor_embeddings = segmenter.image_embedding(encoded)
+        anchor, anchor_embeddings = frozen_base_pass(segmenter, batch.weak, batch.prompts, autocast)
     n = batch.num_images
-    with amp():
+    with precision.or_nothing(autocast):
         out, embeddings = model(torch.cat([batch.weak, batch.strong]), batch.prompts + batch.prompts)
     teacher, student = split_views(out, n)
     terms = wesam_loss(teacher, student, embeddings[:n], anchor, anchor_embeddings, batch.regions, config,
