@@ -1,7 +1,7 @@
 """End to end on the embedded default, as a user runs it: ``dvc repro`` in a fresh clone pulls
-nothing but the in-repo sample, corrupts it, trains GaRA and LoRA on LiteMedSAM with Ray Train
-(and GaRA by label-free distillation on the unlabelled photos), evaluates them and the frozen
-base on the same images and prompts, and publishes: the gate
+nothing but the in-repo sample, corrupts it, trains GaRA on LiteMedSAM with Ray Train from the
+labelled split and again by label-free distillation from the unlabelled photos, evaluates both
+and the frozen base on the same images and prompts, and publishes: the gate
 decides on the paired interval. A second ``dvc repro`` does nothing (the
 publish stage finds the store in step); with ``mlflow.db`` deleted, the next one publishes
 into the new store. A teammate then pulls the champion with no configuration.
@@ -67,7 +67,7 @@ def test_pipeline_trains_evaluates_publishes_is_a_no_op_again_and_republishes_in
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     first = _run([*dvc, "repro"], clone, env)
-    for stage in ("corrupt", "train@gara", "train@lora", "train@gara_distill", "evaluate", "publish"):
+    for stage in ("corrupt", "train@gara", "train@gara_distill", "evaluate", "publish"):
         assert f"Running stage '{stage}'" in first
     # The label-free row trained on the unlabelled photos (a plain folder: no annotation at all).
     corrupted = clone / "artifacts" / "corrupted"

