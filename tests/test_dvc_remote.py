@@ -64,7 +64,7 @@ def test_push_to_s3_and_pull_in_fresh_clone(tmp_path: Path, s3_server) -> None:
     run(["git", "init", "-q"], repo)
     dvc("init", "-q", cwd=repo)
     dvc("config", "core.analytics", "false", cwd=repo)
-    build_sample(repo / "data", seed=0, train_size=3, val_size=2)
+    build_sample(repo / "data", seed=0, train_size=3, val_size=2, unlabelled_crops=1)
     original = _digests(repo / "data")
     dvc("add", "-q", "data", cwd=repo)
 

@@ -81,7 +81,8 @@ def test_full_sample_is_valid_and_large(full_sample: Path) -> None:
     assert sample["meta"]["source"] == "photo" and len(sample["masks"]) >= 10
     # The unlabelled photos: a plain folder (no annotations.json), valid, many views per photo.
     unlabelled = full_sample / "unlabelled"
-    assert validate_dataset(unlabelled) == [] and not (unlabelled / "annotations.json").exists()
+    assert validate_dataset(unlabelled, unlabelled=True) == []
+    assert not (unlabelled / "annotations.json").exists()
     views = sorted(p.name for p in (unlabelled / "images").iterdir())
     assert len(views) == UNLABELLED_CROPS * len(UNLABELLED_PHOTOS) >= 8 * 10
     assert {v.rsplit("_", 1)[0] for v in views} == set(UNLABELLED_PHOTOS)
