@@ -4,9 +4,10 @@ Teams hold piles of photos without masks; label-free training (``train.method: d
 needs nothing more. Such a folder has no ``annotations.json``: :func:`folder_coco` lists its
 images (every file below it with an image suffix, hidden files and folders left out, sorted by
 path so ids are stable) as COCO image entries with their header sizes and no annotations.
-:func:`gara.data.coco.read_coco` falls back to it, so validation, ``gara corrupt`` and training
-read a plain folder exactly as they read a COCO file with an empty ``annotations`` list.
-Symlinks are not followed: a link is not part of the folder.
+``read_coco(root, unlabelled=True)`` falls back to it for the two commands that take a plain
+folder (``gara data validate`` and ``gara corrupt``'s input), which then read it exactly as a
+COCO file with an empty ``annotations`` list; elsewhere a missing annotations.json stays an
+error. Symlinks are not followed: a link is not part of the folder.
 """
 
 from __future__ import annotations
