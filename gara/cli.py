@@ -37,7 +37,8 @@ app = _Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-data_app = _Typer(help="Dataset commands (validate, build the embedded sample).", no_args_is_help=True)
+data_app = _Typer(help="Dataset commands (validate, import another layout, build the embedded sample).",
+                  no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
@@ -117,6 +118,33 @@ def data_validate(
         typer.echo(f"{path}: {len(problems)} problem(s)", err=True)
         raise typer.Exit(1)
     typer.echo(ok_summary(path))
+
+
+@data_app.command("import")
+def data_import(
+    src: Path = typer.Argument(..., help="What to import: the COCO / LVIS JSON file, or the folder of "
+                               "labelme JSONs, SA-1B pairs, a Robust-Seg split, or *_instanceIds.png."),
+    fmt: str = typer.Option(..., "--format", help="coco | lvis | labelme | sa1b | robustseg | cityscapes."),
+    out: Path = typer.Option(..., "--out", help="Dataset folder to write (new, empty, or an earlier "
+                             "import's, which is replaced)."),
+    images: Path | None = typer.Option(None, "--images", help="Where the image files live, when apart "
+                                       "from SRC (COCO / LVIS image root, Cityscapes leftImg8bit/, ACDC "
+                                       "rgb_anon/)."),
+    link: bool = typer.Option(False, "--link", help="Hard-link images instead of copying (copies across "
+                              "devices)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Convert a dataset in another format into this project's (validated; written atomically)."""
+    from gara.data.importers import import_dataset
+
+    summary = import_dataset(fmt, src, out, images=images, link=link, progress=progress)
+    typer.echo(f"imported {fmt} {src} -> {out}: {summary.images} images, {summary.instances} instances, "
+               f"{summary.categories} categories; skipped {len(summary.skipped)}")
+    shown = 20
+    for what, reason in summary.skipped[:shown]:
+        typer.echo(f"  skipped {what}: {reason}")
+    if len(summary.skipped) > shown:
+        typer.echo(f"  ... and {len(summary.skipped) - shown} more")
 
 
 @data_app.command("build-sample")
@@ -236,6 +264,10 @@ def contact_sheet(
 
 
 # --- evaluation commands -----------------------------------------------------------------
+# The evaluate.* keys that sample the pipeline's evaluation set.
+EVALUATE_SAMPLING = ("max_images", "types", "severities")
+
+
 @app.command("evaluate")
 def evaluate(
     model: list[str] = typer.Option(
@@ -243,13 +275,18 @@ def evaluate(
         help="base | ADAPTER_DIR | models:/NAME@ALIAS | models:/NAME/VERSION | runs:/ID/PATH, "
         "optionally NAME=SPEC; repeat to compare (the last one is the primary model).",
     ),
-    data: str | None = typer.Option(None, help="Dataset folder (default: evaluate.data)."),
+    data: str | None = typer.Option(None, help="Your dataset folder, evaluated whole unless --max-images / "
+                                    "--types / --severities narrow it (default: evaluate.data, sampled "
+                                    "by the evaluate.* params, as the pipeline's stage is)."),
     out: str | None = typer.Option(None, help="Report folder (default: evaluate.out)."),
     params: Path | None = _params_option(),
     set_: list[str] = _set_option(),
-    max_images: int | None = typer.Option(None, min=1, help="Source images (each with its variants)."),
-    types: str | None = typer.Option(None, help="Comma-separated corruption types (default: all)."),
-    severities: str | None = typer.Option(None, help="Comma-separated, e.g. 1,3,5 (default: all)."),
+    max_images: int | None = typer.Option(None, min=1, help="Source images (each with its variants); "
+                                          "default: all of --data, else evaluate.max_images."),
+    types: str | None = typer.Option(None, help="Comma-separated corruption types; default: all in --data, "
+                                     "else evaluate.types."),
+    severities: str | None = typer.Option(None, help="Comma-separated, e.g. 1,3,5; default: all in --data, "
+                                          "else evaluate.severities."),
     ray_workers: int | None = typer.Option(
         None, min=0, help="Ray actors scoring shards of the images (evaluate.ray_workers; 0: this "
         "process). Cluster: train.ray_address, else RAY_ADDRESS, else a local Ray."),
@@ -258,7 +295,10 @@ def evaluate(
     """IoU / Dice per corruption x severity x prompt kind; metrics.json, report.md, plots."""
     from gara.evaluate.report import evaluate_to_report, format_summary
 
-    loaded = _load(params, set_, {
+    # An explicit --data is the user's dataset: the params' sampling is the pipeline stage's, so
+    # it is reset here (a --set or an option given on this command line still narrows it).
+    whole = [f"evaluate.{key}=null" for key in EVALUATE_SAMPLING] if data is not None else []
+    loaded = _load(params, whole + set_, {
         "evaluate.data": data, "evaluate.out": out, "evaluate.max_images": max_images,
         "evaluate.types": _split_list(types) if types else None,
         "evaluate.severities": _severities(severities), "evaluate.ray_workers": ray_workers})

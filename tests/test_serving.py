@@ -179,7 +179,7 @@ def test_served_champion_answers_like_the_in_process_model_and_refuses_bad_reque
         bad_requests = [
             ({"image": _png_b64(image), "boxes": [[10, 10, 500, 30]]}, "row 0: box 0"),
             ({"image": base64.b64encode(b"not an image").decode(), "boxes": BOXES},
-             "not a readable PNG/JPEG"),
+             "row 0: image: not a readable image"),
             ({"image": _png_b64(image)}, "row 0: no prompts"),
         ]
         for bad, message in bad_requests:

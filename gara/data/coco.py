@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from gara.data.storage import DatasetStore, LocalStore
 from gara.data.unlabelled import folder_coco, folder_images
 from gara.fsutil import atomic_write_json
 
@@ -23,6 +24,10 @@ ANNOTATIONS_FILE = "annotations.json"
 # Where `gara corrupt` keeps per-image records while it writes a dataset; annotations.json comes
 # last, so a folder holding this one and no annotations.json is an unfinished output.
 RECORDS_DIR = ".records"
+# Annotation tools save polygon vertices a fraction of a pixel past the border all the time; up
+# to this far they are clipped to the image (and counted, with a warning, by validation), further
+# is an error in the annotation.
+MAX_OVERSHOOT_PX = 1.0
 
 
 class DatasetFormatError(ValueError):
@@ -78,18 +83,42 @@ def parse_coco(raw: bytes, where: str) -> dict[str, Any]:
     return coco
 
 
+def refuse_foreign_output(out: DatasetStore, owner_key: str, command: str) -> None:
+    """Refuse to write a dataset into ``out`` unless it is new, empty, or a dataset ``command``
+    wrote: its annotations.json carries the top-level ``owner_key`` (or, locally, the folder
+    holds an interrupted run's records). Another team's dataset is never overwritten."""
+    raw = out.read_optional(ANNOTATIONS_FILE)
+    if raw is not None:
+        try:
+            coco = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            coco = None
+        if not (isinstance(coco, dict) and owner_key in coco):
+            raise DatasetFormatError(
+                f"{out.describe(ANNOTATIONS_FILE)}: --out holds a dataset that {command} did not write; "
+                "choose a new or empty folder (nothing was changed)")
+        return
+    if isinstance(out, LocalStore) and out.root.is_dir() and not (out.root / RECORDS_DIR).is_dir():
+        stray = next(iter(sorted(out.root.iterdir())), None)
+        if stray is not None:
+            raise DatasetFormatError(
+                f"{out.root}: --out is not empty (it holds {stray.name}, and no dataset {command} wrote); "
+                "choose a new or empty folder (nothing was changed)")
+
+
 def write_coco(root: str | Path, coco: dict[str, Any]) -> Path:
     """Write ``ROOT/annotations.json`` atomically."""
     return atomic_write_json(annotations_path(root), coco)
 
 
 def annotation_mask(ann: dict[str, Any], height: int, width: int) -> np.ndarray:
-    """Decode one annotation's ``segmentation`` (polygons, RLE or compressed RLE) to a bool mask."""
+    """Decode one annotation's ``segmentation`` (polygons, RLE or compressed RLE) to a bool mask;
+    polygon vertices are clipped to the image first (see ``MAX_OVERSHOOT_PX``)."""
     seg = ann.get("segmentation")
     if isinstance(seg, list):
         if not seg:
             return np.zeros((height, width), dtype=bool)
-        rles = mask_utils.frPyObjects(seg, height, width)
+        rles = mask_utils.frPyObjects([_clipped(poly, height, width) for poly in seg], height, width)
         rle = mask_utils.merge(rles)
     elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
         rle = mask_utils.frPyObjects(seg, height, width) if isinstance(seg["counts"], list) else seg
@@ -100,6 +129,12 @@ def annotation_mask(ann: dict[str, Any], height: int, width: int) -> np.ndarray:
             f"annotation {ann.get('id')}: 'segmentation' must be polygons or RLE, got {type(seg).__name__}"
         )
     return mask_utils.decode(rle).astype(bool)
+
+
+def _clipped(poly: list[float], height: int, width: int) -> list[float]:
+    """A flat x,y polygon with every vertex moved inside the ``width`` x ``height`` image."""
+    xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
+    return np.clip(xy, 0, [width, height]).ravel().tolist()
 
 
 def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import json
 import logging
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -44,6 +45,7 @@ from gara.data.coco import (
     mask_bbox,
     mask_to_rle,
     parse_coco,
+    refuse_foreign_output,
 )
 from gara.data.corruptions import (
     GENERATOR_VERSION,
@@ -53,8 +55,10 @@ from gara.data.corruptions import (
     resolve_types,
     single_threaded_cv2,
 )
-from gara.data.storage import DatasetStore, LocalStore, open_store, same_location
-from gara.data.unlabelled import UNREADABLE_KEY, folder_coco
+from gara.data.images import read_image
+from gara.data.storage import DatasetStore, LocalStore, open_store, within
+from gara.data.unlabelled import folder_coco
+from gara.data.validate import DatasetValidationError, ImageProblemError, decode_entry, validate_annotations
 from gara.fsutil import atomic_write_bytes, json_bytes
 from gara.seeding import seeded_rng
 
@@ -163,23 +167,6 @@ def plan_balanced(index: int, order: Sequence[tuple[str, int]], variants_per_ima
     return ((CLEAN, 0), *(order[(start + j) % len(order)] for j in range(variants_per_image)))
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """Read an image file as RGB uint8, ignoring EXIF orientation (COCO masks use stored pixels)."""
-    store = LocalStore(path.parent)
-    return _decode_rgb(store.read_bytes(path.name), store.describe(path.name))
-
-
-def _decode_rgb(data: bytes, where: str) -> np.ndarray:
-    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    try:  # OpenCV asserts (cv2.error) on an empty buffer and returns None on other bad bytes
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags) if data else None
-    except cv2.error:
-        bgr = None
-    if bgr is None:
-        raise ValueError(f"{where}: not a readable image")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
 def encode_png(rgb: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), PNG_PARAMS)
     if not ok:
@@ -194,6 +181,20 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)
 
 
+def _init_pool_worker(parent: int) -> None:
+    """A pool worker exits as soon as its parent is gone: a SIGKILLed ``gara corrupt`` runs no
+    clean-up, and its workers would otherwise wait on their task queue forever (and keep
+    multiprocessing's resource tracker alive with them)."""
+    _init_worker()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 class _RayCorruptWorker:
     """A Ray actor that corrupts images (OpenCV single-threaded, as the process pool's workers)."""
 
@@ -205,17 +206,14 @@ class _RayCorruptWorker:
 
 
 def _process_image(task: _ImageTask) -> dict[str, Any]:
-    """Make (or reuse) every planned variant of one source image; return its variant results."""
+    """Make (or reuse) every planned variant of one source image; return its variant results
+    (or, for an image the dataset rules refuse, the problem)."""
     data, out = task.data, task.out
-    src = data.describe(task.entry["file_name"])
-    raw = data.read_bytes(task.entry["file_name"])
-    rgb = _decode_rgb(raw, src)
+    try:
+        raw, rgb = decode_entry(data, task.entry)
+    except ImageProblemError as exc:  # reported with every other image's, after the run
+        return {"variants": [], "removed": 0, "problem": exc.problem}
     height, width = int(task.entry["height"]), int(task.entry["width"])
-    if rgb.shape[:2] != (height, width):
-        raise ValueError(
-            f"{src}: image is {rgb.shape[1]}x{rgb.shape[0]} but annotations.json says "
-            f"{width}x{height}"
-        )
     anns_json = json.dumps(task.anns, sort_keys=True, separators=(",", ":"))
     inputs = {
         "image_sha256": _sha256(raw),
@@ -345,21 +343,23 @@ def corrupt_dataset(
         raise ValueError("balanced needs variants_per_image: the full grid is balanced already")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if same_location(data_store, out_store):
-        raise ValueError(f"output folder {out} is the input folder; choose another --out")
+    if within(out_store, data_store):
+        raise ValueError(f"--out {out} is the input dataset {data} or inside it (a later read would take "
+                         "the outputs in as photos); choose a folder outside it")
+    refuse_foreign_output(out_store, "corruption", "gara corrupt")
 
     raw_coco = data_store.read_optional(ANNOTATIONS_FILE)
     if raw_coco is not None:
         coco = parse_coco(raw_coco, data_store.describe(ANNOTATIONS_FILE))
     elif isinstance(data_store, LocalStore) and is_image_folder(data_store.root):
         coco = folder_coco(data_store.root)  # unlabelled: the pairs carry no annotations
-        unreadable = [e["file_name"] for e in coco["images"] if UNREADABLE_KEY in e]
-        if unreadable:
-            raise DatasetFormatError(f"{data}: {len(unreadable)} image(s) do not decode: "
-                                     f"{', '.join(unreadable[:10])} (gara data validate {data} says why)")
     else:
         raise DatasetFormatError(f"{data_store.describe(ANNOTATIONS_FILE)}: missing; a dataset needs "
                                  f"{ANNOTATIONS_FILE} (or, in a local folder, image files)")
+    # The rules every stage applies; the images themselves are checked as each worker decodes one.
+    problems = validate_annotations(data_store, coco, unlabelled=raw_coco is None)
+    if problems:
+        raise DatasetValidationError(data_store.describe(), problems)
     by_image: dict[Any, list[dict[str, Any]]] = {}
     for ann in coco["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
@@ -396,6 +396,9 @@ def corrupt_dataset(
         n_workers = min(workers or os.cpu_count() or 1, max(1, len(tasks)))
         results = _run_tasks(tasks, n_workers, progress)
 
+    problems = [result["problem"] for result in results if "problem" in result]
+    if problems:  # every other image's variants are written and will be reused by a re-run
+        raise DatasetValidationError(data_store.describe(), problems)
     summary = _assemble(coco, tasks, results, type_list, sev_list, seed, variants_per_image, balanced,
                         out_store)
     summary.data, summary.out = str(data), str(out)
@@ -420,7 +423,8 @@ def _run_tasks(tasks: list[_ImageTask], n_workers: int, progress: bool) -> list[
         else:
             # spawn, not fork: forking a parent that has used OpenCV's thread pool can deadlock
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker) as pool:
+            with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_pool_worker,
+                                     initargs=(os.getpid(),)) as pool:
                 for result in pool.map(_process_image, tasks, chunksize=1):
                     results.append(result)
                     bar.update(1)
@@ -532,7 +536,7 @@ def render_contact_sheet(
         rgb, key = image, "contact-sheet"
     else:
         path = Path(image)
-        rgb, key = read_rgb(path), path.name
+        rgb, key = read_image(path), path.name
     type_list = resolve_types(types)
     sev_list = resolve_severities(severities)
     h, w = rgb.shape[:2]

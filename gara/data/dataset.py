@@ -18,12 +18,13 @@ from typing import Any, Literal, TypedDict
 import numpy as np
 
 from gara.data.coco import annotation_mask, read_coco
+from gara.data.storage import LocalStore
 from gara.data.validate import (
     DatasetValidationError,
     Problem,
+    decode_entry,
     format_problems,
     hashable_id,
-    read_image,
     validate_dataset,
 )
 
@@ -85,14 +86,9 @@ class AnnotatedImages:
 
 
 def read_entry_image(root: Path, entry: dict[str, Any]) -> np.ndarray:
-    """The RGB image of a (validated) image entry; its size must still match the entry."""
-    path = root / entry["file_name"]
-    image = read_image(path)
-    height, width = image.shape[:2]
-    if (height, width) != (entry["height"], entry["width"]):
-        # The file changed since validation: fail loudly rather than mis-align labels.
-        raise OSError(f"{path}: image is now {width}x{height}, entry says {entry['width']}x{entry['height']}")
-    return image
+    """The RGB image of a (validated) image entry, by the rules validation applied: a file that
+    changed since fails loudly (ImageProblemError) rather than mis-aligning labels."""
+    return decode_entry(LocalStore(root), entry)[1]
 
 
 def instance_fields(entry: dict[str, Any], anns: list[dict[str, Any]]) -> dict[str, Any]:

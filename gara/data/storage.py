@@ -4,8 +4,9 @@
 in one process, in a process pool, or in Ray workers on machines that share no disk (with an
 ``s3://`` dataset). A store is a small picklable value (its S3 client is made per process).
 
-Names inside a store are relative POSIX paths (``images/a.png``); an absolute name or one with
-``..`` is refused, naming the dataset and the name, so nothing is read or written outside it.
+Names inside a store are relative POSIX paths (``images/a.png``); an absolute name, one with
+``..`` or, locally, a symlink that leads out of the folder is refused, naming the dataset and the
+name, so nothing is read or written outside it.
 Writes are atomic: a local file is renamed into place, an S3 object appears whole.
 Credentials come from the environment (boto3's chain) only.
 """
@@ -54,6 +55,17 @@ def relative_name(name: str, where: str) -> str:
     return str(path)
 
 
+def inside(root: Path, name: str) -> Path:
+    """``root / name`` for a name inside the dataset folder, or UnsafePathError: the name must be
+    relative without '..' and, followed through any symlinks, still end inside the folder."""
+    path = root / relative_name(name, str(root))
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, top]) != top:
+        raise UnsafePathError(f"{root}: file name {name!r} is a link to {real}, outside the dataset "
+                              "folder; copy the file in instead")
+    return path
+
+
 class DatasetStore(Protocol):
     def describe(self, name: str = "") -> str: ...
     def read_bytes(self, name: str) -> bytes: ...
@@ -67,7 +79,7 @@ class LocalStore:
     root: Path
 
     def _path(self, name: str) -> Path:
-        return self.root / relative_name(name, str(self.root))
+        return inside(self.root, name)
 
     def describe(self, name: str = "") -> str:
         return str(self.root / name) if name else str(self.root)
@@ -157,7 +169,11 @@ def open_store(location: str | Path) -> LocalStore | S3Store:
     return LocalStore(Path(location).absolute())  # absolute: workers may run elsewhere
 
 
-def same_location(a: LocalStore | S3Store, b: LocalStore | S3Store) -> bool:
-    if isinstance(a, LocalStore) and isinstance(b, LocalStore):
-        return a.root.resolve() == b.root.resolve()
-    return a.describe() == b.describe()
+def within(out: LocalStore | S3Store, data: LocalStore | S3Store) -> bool:
+    """Whether ``out`` is ``data`` or lies inside it (a later read of ``data`` would take in what
+    was written to ``out``)."""
+    if isinstance(out, LocalStore) and isinstance(data, LocalStore):
+        inner, outer = out.root.resolve(), data.root.resolve()
+        return inner == outer or outer in inner.parents
+    inner_text, outer_text = out.describe(), data.describe()
+    return inner_text == outer_text or inner_text.startswith(outer_text + "/")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from gara.data.images import displayed_size
 
 UNREADABLE_KEY = "unreadable"  # set on an entry whose header did not parse
 # What counts as an image file by its name, everywhere a folder of images is read.
@@ -36,12 +36,12 @@ def folder_images(root: str | Path) -> list[str]:
 
 
 def image_entry(image_id: int, root: Path, rel: str) -> dict[str, Any]:
-    """A COCO image entry sized from the file's header (pixels are not decoded here). A header
-    PIL cannot read gives size 0 and ``UNREADABLE_KEY`` holding why; validation names it."""
+    """A COCO image entry sized from the file's header, as displayed (pixels are not decoded
+    here). A header that cannot be read, or is over the pixel limit, gives size 0 and
+    ``UNREADABLE_KEY`` holding why; validation names it."""
     try:
-        with Image.open(root / rel) as img:
-            width, height = img.size
-    except Exception as exc:  # PIL raises assorted types on junk
+        width, height = displayed_size(root / rel)
+    except OSError as exc:
         return {"id": image_id, "file_name": rel, "height": 0, "width": 0, UNREADABLE_KEY: str(exc)}
     return {"id": image_id, "file_name": rel, "height": height, "width": width}
 

@@ -10,6 +10,7 @@ evaluation trips over it hours later.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections import Counter
@@ -21,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from gara.data.coco import (
     ANNOTATIONS_FILE,
+    MAX_OVERSHOOT_PX,
+    DatasetFormatError,
     annotation_mask,
     annotations_path,
     is_image_folder,
@@ -32,14 +34,16 @@ from gara.data.coco import (
     missing_annotations_hint,
     read_coco,
 )
+from gara.data.images import decode_image
+from gara.data.storage import DatasetStore, LocalStore, UnsafePathError, relative_name
 from gara.data.unlabelled import UNREADABLE_KEY, folder_coco
+
+log = logging.getLogger(__name__)
 
 # How far a stored bbox may differ from the mask's tight box: polygon extents are floats and
 # rasterisation rounds them, so allow a couple of pixels (or 5 % of the box on large boxes).
 BBOX_TOLERANCE_PX = 2.0
 BBOX_TOLERANCE_FRAC = 0.05
-
-_PNG_IEND = b"IEND"
 
 # An image smaller than this on either side holds nothing a prompt box or a 1024 px model can
 # use (a thumbnail, an icon, a stray file).
@@ -52,6 +56,7 @@ class ProblemKind(StrEnum):
     BAD_VALUE = "bad-value"
     DUPLICATE_ID = "duplicate-id"
     MISSING_FILE = "missing-file"
+    OUTSIDE_FOLDER = "outside-folder"
     UNREADABLE_IMAGE = "unreadable-image"
     SIZE_MISMATCH = "size-mismatch"
     TOO_SMALL = "too-small"
@@ -87,73 +92,65 @@ class Problem:
 Report = Callable[[ProblemKind, str], None]
 
 
-class DatasetValidationError(ValueError):
+class DatasetValidationError(DatasetFormatError):
     """A dataset has problems; ``problems`` holds all of them."""
 
     def __init__(self, root: str | Path, problems: list[Problem]) -> None:
-        self.root = Path(root)
+        self.root = root  # a folder or an s3:// URL, as given
         self.problems = problems
-        lines = [f"{self.root}: {len(problems)} dataset problem(s):"]
+        if len(problems) == 1:
+            super().__init__(f"{root}: {problems[0]}")
+            return
+        lines = [f"{root}: {len(problems)} dataset problem(s):"]
         lines += [f"  {p}" for p in problems]
         super().__init__("\n".join(lines))
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file completely to RGB uint8 (H, W, 3); raise ``OSError`` if it is
-    unreadable or truncated.
+class ImageProblemError(OSError):
+    """An image entry's file cannot be used; ``problem`` says why, naming the file and image id."""
 
-    PIL's ``load()`` catches truncated JPEG and PNG pixel data; a PNG cut inside its final
-    IEND chunk still decodes, so that trailer is checked explicitly.
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.format == "PNG" and not _png_has_iend(path):
-                raise OSError("truncated PNG file (no complete IEND chunk)")
-            rgb = img.convert("RGB")
-    except OSError:
-        raise  # already the documented error type (truncated, unidentified image...)
-    except Exception as exc:  # PIL raises SyntaxError/ValueError for some corrupt headers
-        raise OSError(f"cannot decode image: {exc}") from exc
-    return np.asarray(rgb, dtype=np.uint8)
+    def __init__(self, problem: Problem) -> None:
+        self.problem = problem
+        super().__init__(str(problem))
 
 
-def _png_has_iend(path: Path) -> bool:
-    """Whether the PNG's final IEND chunk (type + CRC) is complete."""
-    with path.open("rb") as fh:
-        fh.seek(0, os.SEEK_END)
-        size = fh.tell()
-        fh.seek(max(0, size - 4096))
-        tail = fh.read()
-    end = tail.rfind(_PNG_IEND)
-    return end >= 0 and len(tail) >= end + len(_PNG_IEND) + 4
-
-
-def _image_problem(root: Path, entry: dict[str, Any]) -> list[Problem]:
-    """Decode one image entry's file; report a missing/unreadable file or a size mismatch."""
+def decode_entry(store: DatasetStore, entry: dict[str, Any]) -> tuple[bytes, np.ndarray]:
+    """An image entry's bytes and RGB pixels (:mod:`gara.data.images`: the one reader), checked
+    against the dataset rules every stage shares: the file is inside the dataset, decodes
+    completely within the pixel limit, has the entry's (displayed) size and is not too small.
+    Anything else raises :class:`ImageProblemError`."""
     rel, image_id = entry["file_name"], entry["id"]
-    path = root / rel
-    if not path.is_file():
-        return [Problem(ProblemKind.MISSING_FILE, rel, f"image file {path} does not exist",
-                        image_id=image_id)]
+
+    def problem(kind: ProblemKind, message: str) -> ImageProblemError:
+        return ImageProblemError(Problem(kind, rel, message, image_id=image_id))
+
+    where = store.describe(rel)
     try:
-        rgb = read_image(path)
+        data = store.read_optional(rel)
+    except UnsafePathError as exc:
+        raise problem(ProblemKind.OUTSIDE_FOLDER, str(exc)) from None
+    if data is None:
+        raise problem(ProblemKind.MISSING_FILE, f"image file {where} does not exist")
+    try:
+        rgb = decode_image(data, where)
     except OSError as exc:
-        return [Problem(ProblemKind.UNREADABLE_IMAGE, rel, f"cannot decode {path}: {exc}",
-                        image_id=image_id)]
+        raise problem(ProblemKind.UNREADABLE_IMAGE, str(exc)) from None
     height, width = rgb.shape[:2]
     if (height, width) != (entry["height"], entry["width"]):
-        return [Problem(
-            ProblemKind.SIZE_MISMATCH, rel,
-            f"image is {width}x{height} (WxH) but the entry says "
-            f"width={entry['width']} height={entry['height']}",
-            image_id=image_id,
-        )]
+        raise problem(ProblemKind.SIZE_MISMATCH,
+                      f"image is {width}x{height} (WxH, as displayed) but the entry says "
+                      f"width={entry['width']} height={entry['height']}")
     if min(height, width) < MIN_IMAGE_SIDE:
-        return [Problem(ProblemKind.TOO_SMALL, rel,
-                        f"image is {width}x{height}: both sides must be >= {MIN_IMAGE_SIDE} px",
-                        image_id=image_id)]
+        raise problem(ProblemKind.TOO_SMALL,
+                      f"image is {width}x{height}: both sides must be >= {MIN_IMAGE_SIDE} px")
+    return data, rgb
+
+
+def _image_problem(store: DatasetStore, entry: dict[str, Any]) -> list[Problem]:
+    try:
+        decode_entry(store, entry)
+    except ImageProblemError as exc:
+        return [exc.problem]
     return []
 
 
@@ -182,14 +179,18 @@ def _duplicates(ids: Iterable[Any]) -> set[Any]:
 class _Validator:
     """Collects problems while walking one dataset's annotation file."""
 
-    def __init__(self, root: Path, workers: int, unlabelled: bool) -> None:
-        self.root = root
+    def __init__(self, store: DatasetStore, workers: int, *, unlabelled: bool = False,
+                 decode: bool = True) -> None:
+        self.store = store
+        self.root = store.root if isinstance(store, LocalStore) else None
         self.workers = workers
         self.unlabelled = unlabelled  # may the folder be a plain folder of images?
-        self.plain_folder = unlabelled and is_image_folder(root)
+        self.plain_folder = unlabelled and self.root is not None and is_image_folder(self.root)
+        self.decode = decode  # decode every image (False: the caller decodes each as it goes)
         self.problems: list[Problem] = []
         self.images: dict[Any, dict[str, Any]] = {}  # id -> entry (well-formed entries only)
         self.category_ids: set[Any] = set()
+        self.clipped: list[tuple[Any, Any, float]] = []  # (image id, annotation id, px past the border)
 
     def add(self, kind: ProblemKind, message: str, *, file: str = ANNOTATIONS_FILE,
             image_id: Any = None, ann_id: Any = None) -> None:
@@ -197,8 +198,8 @@ class _Validator:
         self.problems.append(problem)
 
     # -- top level -------------------------------------------------------------------------
-    def run(self) -> list[Problem]:
-        coco = self.load_json()
+    def run(self, coco: dict[str, Any] | None = None) -> list[Problem]:
+        coco = self.load_json() if coco is None else coco
         if coco is None:
             return self.problems
         images = self.top_list(coco, "images", required=True)
@@ -207,9 +208,17 @@ class _Validator:
         self.check_categories(categories)
         self.check_images(images)
         self.check_annotations(annotations)
+        if self.clipped:
+            worst = max(px for _, _, px in self.clipped)
+            ids = ", ".join(str(ann_id) for _, ann_id, _ in self.clipped[:10])
+            log.warning("%s: %d polygon(s) reach up to %.2f px past the image border (annotation id %s%s); "
+                        "clipped to the image (up to %g px is accepted)", self.store.describe(),
+                        len(self.clipped), worst, ids, ", ..." if len(self.clipped) > 10 else "",
+                        MAX_OVERSHOOT_PX)
         return self.problems
 
     def load_json(self) -> dict[str, Any] | None:
+        assert self.root is not None, "a store's annotation file is parsed by its caller"
         path = annotations_path(self.root)
         if self.plain_folder:
             return folder_coco(self.root)
@@ -276,8 +285,7 @@ class _Validator:
                                  image_id=image_id):
                 continue
             if self.plain_folder and UNREADABLE_KEY in entry:  # its header did not parse
-                self.add(ProblemKind.UNREADABLE_IMAGE,
-                         f"cannot decode {self.root / entry['file_name']}: {entry[UNREADABLE_KEY]}",
+                self.add(ProblemKind.UNREADABLE_IMAGE, entry[UNREADABLE_KEY],
                          file=entry["file_name"], image_id=image_id)
                 continue
             if not _is_int(image_id):
@@ -295,9 +303,11 @@ class _Validator:
                      image_id=dup)
         for entry in good:
             self.images.setdefault(entry["id"], entry)
+        if not self.decode:
+            return
         # Decoding dominates the cost; PIL releases the GIL while decoding.
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            for found in pool.map(lambda e: _image_problem(self.root, e), good):
+            for found in pool.map(lambda e: _image_problem(self.store, e), good):
                 self.problems.extend(found)
 
     def image_entry_ok(self, what: str, entry: dict[str, Any]) -> bool:
@@ -314,11 +324,12 @@ class _Validator:
                      f"{what}: file_name must be a non-empty string, got {rel!r}",
                      image_id=image_id)
             return False
-        resolved = os.path.normpath(rel)
-        if os.path.isabs(rel) or resolved == ".." or resolved.startswith(".." + os.sep):
-            self.add(ProblemKind.BAD_VALUE,
-                     f"{what}: file_name {rel!r} must be a path inside the dataset folder",
-                     file=rel, image_id=image_id)
+        try:
+            relative_name(rel, what)
+        except UnsafePathError as exc:
+            self.add(ProblemKind.OUTSIDE_FOLDER, str(exc), file=rel, image_id=image_id)
+            if ok:  # its annotations are still checked against it; its file is never opened
+                self.images.setdefault(image_id, entry)
             return False
         return ok
 
@@ -362,14 +373,16 @@ class _Validator:
             report(ProblemKind.UNKNOWN_CATEGORY,
                    f"category_id {ann['category_id']!r} names no category")
         size = (entry["height"], entry["width"]) if entry is not None else None
-        mask = self.check_segmentation(ann["segmentation"], size, report)
+        mask = self.check_segmentation(ann["segmentation"], size, report,
+                                       lambda px: self.clipped.append((image_id, ann_id, px)))
         self.check_bbox(ann.get("bbox", None), "bbox" in ann, size, mask, report)
 
-    def check_segmentation(self, seg: Any, size: tuple[int, int] | None,
-                           report: Report) -> np.ndarray | None:
-        """Check the segmentation's structure and bounds; return its mask when decodable."""
+    def check_segmentation(self, seg: Any, size: tuple[int, int] | None, report: Report,
+                           clipped: Callable[[float], None]) -> np.ndarray | None:
+        """Check the segmentation's structure and bounds; return its mask when decodable.
+        ``clipped`` hears of a polygon reaching past the border by no more than it may."""
         if isinstance(seg, list):
-            return self.check_polygons(seg, size, report)
+            return self.check_polygons(seg, size, report, clipped)
         if isinstance(seg, dict):
             return self.check_rle(seg, size, report)
         report(ProblemKind.BAD_SEGMENTATION,
@@ -377,8 +390,8 @@ class _Validator:
                f"got {type(seg).__name__}")
         return None
 
-    def check_polygons(self, seg: list[Any], size: tuple[int, int] | None,
-                       report: Report) -> np.ndarray | None:
+    def check_polygons(self, seg: list[Any], size: tuple[int, int] | None, report: Report,
+                       clipped: Callable[[float], None]) -> np.ndarray | None:
         if not seg:
             report(ProblemKind.EMPTY_MASK, "segmentation is an empty polygon list")
             return None
@@ -392,13 +405,19 @@ class _Validator:
         if size is None:
             return None
         height, width = size
+        worst = 0.0
         for k, poly in enumerate(seg):
             xs, ys = np.asarray(poly[0::2], float), np.asarray(poly[1::2], float)
-            if xs.min() < 0 or ys.min() < 0 or xs.max() > width or ys.max() > height:
+            past = max(-xs.min(), -ys.min(), xs.max() - width, ys.max() - height, 0.0)
+            if past > MAX_OVERSHOOT_PX:
                 report(ProblemKind.MASK_OUTSIDE,
-                       f"polygon {k} spans x {xs.min():g}..{xs.max():g}, "
-                       f"y {ys.min():g}..{ys.max():g}: outside the {width}x{height} image")
+                       f"polygon {k} spans x {xs.min():g}..{xs.max():g}, y {ys.min():g}..{ys.max():g}: "
+                       f"{past:g} px outside the {width}x{height} image (up to {MAX_OVERSHOOT_PX:g} px "
+                       "is clipped)")
                 return None
+            worst = max(worst, past)
+        if worst > 0:
+            clipped(worst)
         mask = annotation_mask({"segmentation": seg}, height, width)
         if not mask.any():
             report(ProblemKind.EMPTY_MASK, "polygons cover no pixel")
@@ -477,12 +496,25 @@ def validate_dataset(root: str | Path, *, workers: int | None = None, unlabelled
     """Return every problem found in the dataset folder ``root`` (empty list: valid); with
     ``unlabelled``, a plain folder of images is checked as an unlabelled dataset.
 
-    Checks the annotation file's JSON and keys, duplicate ids, that every image file exists,
-    decodes completely and has the declared size, and that every annotation names a real
-    image and category, has a well-formed, in-bounds, non-empty mask and a box matching it.
+    Checks the annotation file's JSON and keys, duplicate ids, that every image file is inside
+    the folder, exists, decodes completely (:mod:`gara.data.images`) and has the declared size,
+    and that every annotation names a real image and category, has a well-formed, in-bounds,
+    non-empty mask and a box matching it. A polygon reaching at most ``MAX_OVERSHOOT_PX`` past
+    the border is clipped (:func:`gara.data.coco.annotation_mask`) and logged as a warning.
     """
-    workers = workers or min(8, os.cpu_count() or 1)
-    return _Validator(Path(root), workers, unlabelled).run()
+    return _Validator(LocalStore(Path(root)), _workers(workers), unlabelled=unlabelled).run()
+
+
+def validate_annotations(store: DatasetStore, coco: dict[str, Any], *, unlabelled: bool = False
+                         ) -> list[Problem]:
+    """The same rules for a parsed annotation file (or a plain folder's listing, ``unlabelled``)
+    whose images the caller decodes one by one through :func:`decode_entry` (``gara corrupt``,
+    which may read from S3)."""
+    return _Validator(store, _workers(None), unlabelled=unlabelled, decode=False).run(coco)
+
+
+def _workers(workers: int | None) -> int:
+    return workers or min(8, os.cpu_count() or 1)
 
 
 def format_problems(problems: list[Problem]) -> str:

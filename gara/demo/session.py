@@ -14,7 +14,6 @@ traceback.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import threading
 import time
@@ -140,28 +139,14 @@ def _rank_capacity(segmenter) -> dict[str, int]:
 
 
 def decode_upload(data: bytes, name: str) -> np.ndarray:
-    """Upload bytes -> RGB uint8, upright (EXIF orientation applied), within the pixel limit."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """Upload bytes -> RGB uint8 by the rules every command reads images with (upright, EXIF
+    orientation applied: :mod:`gara.data.images`), within the demo's smaller pixel limit."""
+    from gara.data.images import decode_image
 
-    if not data:
-        raise DemoError(f"{name}: the file is empty")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            if width * height > MAX_UPLOAD_PIXELS:
-                raise DemoError(f"{name}: {width}x{height} is over the demo's limit of "
-                                f"{MAX_UPLOAD_PIXELS:,} pixels; downscale it first")
-            img.load()
-            upright = ImageOps.exif_transpose(img)
-            rgb = np.asarray(upright.convert("RGB"), dtype=np.uint8)
-    except DemoError:
-        raise
-    except Image.DecompressionBombError:  # Pillow refuses a header of > 179 MP before our check
-        raise DemoError(f"{name}: over the demo's limit of {MAX_UPLOAD_PIXELS:,} pixels; downscale it "
-                        "first") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DemoError(f"{name}: not a readable image ({exc})") from None
-    return np.ascontiguousarray(rgb)
+        return decode_image(data, name, max_pixels=MAX_UPLOAD_PIXELS)
+    except OSError as exc:
+        raise DemoError(str(exc)) from None
 
 
 class SampleSet:

@@ -43,11 +43,14 @@ class BatchItem:
 
 def _inside(root: Path, relative: Any, where: str) -> Path:
     """``root / relative``, refusing names that leave ``root`` (absolute, ``..``, symlinks out)."""
+    from gara.data.storage import UnsafePathError, inside
+
     if not isinstance(relative, str) or not relative:
         raise BatchInputError(f"{where}: file_name must be a non-empty relative path, got {relative!r}")
-    path = (root / relative).resolve()
-    if Path(relative).is_absolute() or not path.is_relative_to(root.resolve()):
-        raise BatchInputError(f"{where}: file_name {relative!r} points outside {root}")
+    try:
+        path = inside(root, relative)  # the rule every dataset reader applies
+    except UnsafePathError as exc:
+        raise BatchInputError(f"{where}: {exc}") from None
     if not path.is_file():
         raise BatchInputError(f"{where}: image file {root / relative} does not exist")
     return path

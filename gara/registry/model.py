@@ -130,7 +130,10 @@ def make_request(
 
 
 def decode_image(data: Any, row: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    """A request row's encoded image -> RGB uint8 by the rules every command reads images with
+    (:mod:`gara.data.images`: pixel limit, EXIF orientation applied, 16-bit and other modes
+    converted), so the mask comes back in the orientation a viewer shows."""
+    from gara.data.images import decode_image as decode
 
     if isinstance(data, np.ndarray):
         raise PredictInputError(
@@ -141,18 +144,9 @@ def decode_image(data: Any, row: int) -> np.ndarray:
         raise PredictInputError(
             f"row {row}: image must be non-empty PNG/JPEG bytes, got {type(data).__name__}")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            mode, size = img.mode, img.size
-            array = np.asarray(img)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise PredictInputError(f"row {row}: image bytes are not a readable PNG/JPEG: {exc}") from None
-    if mode != "RGB" or array.ndim != 3 or array.shape[2] != 3:
-        raise PredictInputError(
-            f"row {row}: image must be RGB (H, W, 3); got mode {mode} with shape {array.shape} "
-            f"({size[0]}x{size[1]}); convert it to RGB first"
-        )
-    return np.ascontiguousarray(array, dtype=np.uint8)
+        return decode(bytes(data), f"row {row}: image")
+    except OSError as exc:
+        raise PredictInputError(str(exc)) from None
 
 
 def _is_missing(value: Any) -> bool:

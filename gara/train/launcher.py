@@ -31,6 +31,7 @@ from typing import Any
 from gara.cluster import ray_session
 from gara.config import Params
 from gara.data.coco import ANNOTATIONS_FILE, DatasetFormatError, annotations_path, is_image_folder, read_coco
+from gara.data.validate import DatasetValidationError, validate_dataset
 from gara.models.backbones import get_backbone_spec
 from gara.models.checkpoints import CheckpointError, resolve_checkpoint
 from gara.models.manifest import read_manifest
@@ -149,7 +150,8 @@ def _swap_in(src: Path, out: Path) -> None:
 
 
 def check_data(params: Params) -> None:
-    """Fail in the driver, before a run or a cluster exists, on a missing dataset folder or on
+    """Fail in the driver, before a run or a cluster exists, on a missing dataset folder, a
+    dataset the rules refuse (train.on_error fail; with skip, the workers skip), or on
     training data the method cannot learn from (labels for supervised and WeSAM, clean/corrupted
     pairs for distill)."""
     train = params.train
@@ -161,6 +163,10 @@ def check_data(params: Params) -> None:
             hint = f": a plain folder of images (unlabelled); run {corrupt_first}" if (
                 key == "data" and is_image_folder(folder)) else ""
             raise DatasetFormatError(f"train.{key} = {folder}: no {ANNOTATIONS_FILE} there{hint}")
+        if train.on_error == "fail":  # the dataset rules, one line each, before any worker starts
+            problems = validate_dataset(folder)
+            if problems:
+                raise DatasetValidationError(folder, problems)
     coco = read_coco(train.data)
     if train.method == "distill":
         if not any(isinstance(e, dict) and "source_image_id" in e for e in coco["images"]):
