@@ -73,12 +73,7 @@ def _check_pixels(size: tuple[int, int], where: str, max_pixels: int) -> None:
 def displayed_size(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """(width, height) of the image file as displayed (EXIF orientation applied), from its
     header; over the pixel limit or unreadable: :class:`ImageReadError`."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ImageReadError(f"{path}: cannot read ({exc.strerror})") from None
-    return header_size(data, str(path), max_pixels)
+    return header_size(_read(path), str(path), max_pixels)
 
 
 def header_size(data: bytes, where: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
@@ -108,12 +103,14 @@ def decode_image(data: bytes, where: str, max_pixels: int = MAX_IMAGE_PIXELS) ->
 
 def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """An image file -> RGB uint8 (H, W, 3), by :func:`decode_image`."""
-    path = Path(path)
+    return decode_image(_read(path), str(path), max_pixels)
+
+
+def _read(path: str | Path) -> bytes:
     try:
-        data = path.read_bytes()
+        return Path(path).read_bytes()
     except OSError as exc:
         raise ImageReadError(f"{path}: cannot read ({exc.strerror})") from None
-    return decode_image(data, str(path), max_pixels)
 
 
 def _to_rgb(img: Image.Image, where: str) -> np.ndarray:

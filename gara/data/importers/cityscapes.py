@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from gara.data.coco import DatasetFormatError, mask_to_rle
+from gara.data.coco import mask_to_rle
 from gara.data.images import displayed_size
 from gara.data.importers.writer import Skip, SourceData, SourceImage, SourceInstance, listed
 from gara.data.unlabelled import IMAGE_SUFFIXES
@@ -56,11 +56,7 @@ def read_instance_ids(path: Path) -> np.ndarray:
 
 
 def read(src: Path, images: Path | None, skip: Skip) -> SourceData:
-    if not src.is_dir():
-        raise NotADirectoryError(f"{src}: --format cityscapes takes a folder of *_instanceIds.png files")
-    files = listed(src, "*instanceIds.png")
-    if not files:
-        raise DatasetFormatError(f"{src}: no instance-id PNGs (*_instanceIds.png) found")
+    files = listed(src, "*instanceIds.png", "cityscapes", "instance-id PNGs")
     roots = image_roots(src, images)
     categories: dict[int, dict[str, Any]] = {}
 

@@ -36,11 +36,7 @@ AREA_SHAPES = ("polygon", "rectangle", "circle")
 
 
 def read(src: Path, images: Path | None, skip: Skip) -> SourceData:
-    if not src.is_dir():
-        raise NotADirectoryError(f"{src}: --format labelme takes a folder of labelme JSON files")
-    files = listed(src, "*.json")
-    if not files:
-        raise DatasetFormatError(f"{src}: no labelme JSON files (*.json) found")
+    files = listed(src, "*.json", "labelme", "labelme JSON files")
     docs = []
     for path in files:  # first pass: every label, so category ids are known before any image
         rel = path.relative_to(src).as_posix()

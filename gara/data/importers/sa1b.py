@@ -16,11 +16,7 @@ _KEPT = ("predicted_iou", "stability_score", "point_coords", "crop_box")
 
 
 def read(src: Path, images: Path | None, skip: Skip) -> SourceData:
-    if not src.is_dir():
-        raise NotADirectoryError(f"{src}: --format sa1b takes a folder of sa_N.jpg + sa_N.json pairs")
-    files = listed(src, "*.json")
-    if not files:
-        raise DatasetFormatError(f"{src}: no SA-1B annotation files (sa_N.json) found")
+    files = listed(src, "*.json", "sa1b", "SA-1B pairs (sa_N.jpg + sa_N.json)")
 
     def generate():
         for path in files:

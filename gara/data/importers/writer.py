@@ -123,9 +123,12 @@ def need(entry: Any, keys: tuple[str, ...], where: str) -> dict[str, Any]:
     return entry
 
 
-def listed(root: Path, pattern: str) -> list[Path]:
-    """Files under ``root`` matching ``pattern``, sorted, hidden ones and any that resolve outside
-    ``root`` left out."""
+def listed(root: Path, pattern: str, fmt: str, holds: str) -> list[Path]:
+    """The files under the folder ``root`` matching ``pattern``, sorted, hidden ones and any that
+    resolve outside ``root`` left out; a ``root`` that is no folder, or holds none, is an error
+    saying what ``--format fmt`` expects (``holds``)."""
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root}: --format {fmt} takes a folder of {holds}")
     found = []
     for path in root.rglob(pattern):
         rel = path.relative_to(root)
@@ -133,6 +136,8 @@ def listed(root: Path, pattern: str) -> list[Path]:
             continue
         if path.resolve().is_relative_to(root.resolve()):
             found.append(path)
+    if not found:
+        raise DatasetFormatError(f"{root}: no {holds} ({pattern}) found")
     return sorted(found)
 
 
