@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -117,9 +118,17 @@ def test_16bit_and_exif_images_decode_to_their_twins_pixels_in_every_reader(phot
     assert np.abs(decode_image(jpeg, "x").astype(int) - photo).mean() < 4  # upright, up to JPEG loss
 
 
-def test_displayed_size_reads_the_header_only(tmp_path: Path, photo: np.ndarray) -> None:
+def test_displayed_size_reads_the_header_only(tmp_path: Path, photo: np.ndarray,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "r.png").write_bytes(_png(np.rot90(photo, k=1), orientation=6))
+    Image.fromarray(photo).save(tmp_path / "plain.png")
+    Image.fromarray(photo).save(tmp_path / "plain.jpg", quality=90)
+    decoded = []
+    load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self, *a: decoded.append(self.format) or load(self, *a))
     assert displayed_size(tmp_path / "r.png") == (W, H)
+    assert displayed_size(tmp_path / "plain.png") == displayed_size(tmp_path / "plain.jpg") == (W, H)
+    assert decoded == []  # no pixel was decoded
     (tmp_path / "bomb.png").write_bytes(_png_header(30000, 30000))
     (tmp_path / "big.png").write_bytes(_png_header(11000, 11000))
     with pytest.raises(OSError, match=rf"big.png: 11000x11000 is over the limit of {MAX_IMAGE_PIXELS:,}"):
@@ -170,16 +179,18 @@ def _outside(root: Path, photo: np.ndarray) -> Path:
     return outside
 
 
+# Each case writes a dataset with one fault and returns it with what every stage's one-line
+# error must say: the file, the image (and annotation) id, the kind.
 def case_absolute(root: Path, photo: np.ndarray) -> tuple[Path, str]:
     outside = _outside(root, photo)
     images = [{"id": 1, "file_name": str(outside), "height": H, "width": W}]
-    return _dataset(root, {}, images), "outside-folder"
+    return _dataset(root, {}, images), f"{outside}, image 1: [outside-folder]"
 
 
 def case_dotdot(root: Path, photo: np.ndarray) -> tuple[Path, str]:
     outside = _outside(root, photo)
     images = [{"id": 1, "file_name": f"../{outside.name}", "height": H, "width": W}]
-    return _dataset(root, {}, images), "outside-folder"
+    return _dataset(root, {}, images), f"../{outside.name}, image 1: [outside-folder]"
 
 
 def case_symlink_out(root: Path, photo: np.ndarray) -> tuple[Path, str]:
@@ -187,48 +198,53 @@ def case_symlink_out(root: Path, photo: np.ndarray) -> tuple[Path, str]:
     root = _dataset(root, {"images/a.png": _png(photo)})
     (root / "images/a.png").unlink()
     (root / "images/a.png").symlink_to(outside)
-    return root, "outside-folder"
+    return root, "images/a.png, image 1: [outside-folder]"
 
 
 def case_duplicate_ids(root: Path, photo: np.ndarray) -> tuple[Path, str]:
     images = [{"id": 1, "file_name": "images/a.png", "height": H, "width": W},
               {"id": 1, "file_name": "images/b.png", "height": H, "width": W}]
     files = {"images/a.png": _png(photo), "images/b.png": _png(photo[::-1].copy())}
-    return _dataset(root, files, images, [_ann(1, 1)]), "duplicate-id"
+    return _dataset(root, files, images, [_ann(1, 1)]), "annotations.json, image 1: [duplicate-id]"
 
 
 def case_pixel_bomb(root: Path, photo: np.ndarray) -> tuple[Path, str]:
     images = [{"id": 1, "file_name": "images/bomb.png", "height": 30000, "width": 30000}]
-    return _dataset(root, {"images/bomb.png": _png_header(30000, 30000)}, images, []), "over the limit"
+    root = _dataset(root, {"images/bomb.png": _png_header(30000, 30000)}, images, [])
+    return root, "images/bomb.png, image 1: [unreadable-image]"
 
 
 def case_large(root: Path, photo: np.ndarray) -> tuple[Path, str]:
     images = [{"id": 1, "file_name": "images/big.png", "height": 11000, "width": 11000}]
-    return _dataset(root, {"images/big.png": _png_header(11000, 11000)}, images, []), "over the limit"
+    root = _dataset(root, {"images/big.png": _png_header(11000, 11000)}, images, [])
+    return root, "images/big.png, image 1: [unreadable-image]"
 
 
 def case_zero_bytes(root: Path, photo: np.ndarray) -> tuple[Path, str]:
-    return _dataset(root, {"images/a.png": b""}), "the file is empty"
+    return _dataset(root, {"images/a.png": b""}), "images/a.png, image 1: [unreadable-image]"
+
+
+def _bad_annotation(root: Path, photo: np.ndarray, ann: dict[str, Any], kind: str) -> tuple[Path, str]:
+    root = _dataset(root, {"images/a.png": _png(photo)}, None, [ann])
+    return root, f"annotations.json, image 1, annotation 1: [{kind}]"
 
 
 def case_negative_bbox(root: Path, photo: np.ndarray) -> tuple[Path, str]:
-    annotations = [_ann(1, 1, bbox=[20, 10, -5, 30])]
-    return _dataset(root, {"images/a.png": _png(photo)}, None, annotations), "bad-bbox"
+    return _bad_annotation(root, photo, _ann(1, 1, bbox=[20, 10, -5, 30]), "bad-bbox")
 
 
 def case_two_point_polygon(root: Path, photo: np.ndarray) -> tuple[Path, str]:
     ann = {**_ann(1, 1), "segmentation": [[10.0, 10.0, 40.0, 40.0]]}
-    return _dataset(root, {"images/a.png": _png(photo)}, None, [ann]), "bad-segmentation"
+    return _bad_annotation(root, photo, ann, "bad-segmentation")
 
 
 def case_unknown_category(root: Path, photo: np.ndarray) -> tuple[Path, str]:
-    annotations = [_ann(1, 1, category_id=7)]
-    return _dataset(root, {"images/a.png": _png(photo)}, None, annotations), "unknown-category"
+    return _bad_annotation(root, photo, _ann(1, 1, category_id=7), "unknown-category")
 
 
 def case_overshoot_5px(root: Path, photo: np.ndarray) -> tuple[Path, str]:
     polygon = [10.0, 10.0, W + 5.0, 10.0, W + 5.0, 40.0, 10.0, 40.0]
-    return _dataset(root, {"images/a.png": _png(photo)}, None, [_ann(1, 1, polygon)]), "mask-outside"
+    return _bad_annotation(root, photo, _ann(1, 1, polygon), "mask-outside")
 
 
 BAD_CASES = [case_absolute, case_dotdot, case_symlink_out, case_duplicate_ids, case_pixel_bomb, case_large,
@@ -246,31 +262,35 @@ def _one_line_error(result: Any, *needles: str) -> None:
 @pytest.mark.parametrize("case", BAD_CASES, ids=lambda case: case.__name__[5:])
 def test_each_bad_input_is_refused_by_every_stage_naming_file_and_id(
         case, tmp_path: Path, photo: np.ndarray, tiny_sets: list[str]) -> None:
-    root, kind = case(tmp_path / "data", photo)
+    root, where = case(tmp_path / "data", photo)
+    file, ids_kind = where.split(", ", 1)
+    kind = ids_kind.rsplit("[", 1)[1].rstrip("]")
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink()}
-    # validate: every problem in a table, exit 1
+    # validate: every problem in a table (KIND FILE IMAGE ANN MESSAGE), exit 1
     result = _gara("data", "validate", root)
-    assert result.exit_code == 1 and kind in result.output, result.output
-    assert "image 1" in result.output or " 1 " in result.output, result.output
+    assert result.exit_code == 1, result.output
+    ann = "1" if "annotation 1" in where else ""
+    row = f"{kind} +{re.escape(file)} +1 +{ann}"
+    assert re.search(row, result.output), result.output
     # corrupt: refused, naming the file; no finished output, nothing copied from outside
     out = tmp_path / "corrupted"
     result = _gara("corrupt", "--data", root, "--out", out, "--types", "fog", "--severities", "1",
                    "--workers", "1", "--no-progress")
-    _one_line_error(result, kind)
+    _one_line_error(result, where)
     assert not (out / "annotations.json").exists()
     if kind == "outside-folder":
         assert not list(out.rglob("*.png"))  # the outside photo was never read, so never copied
     # train: refused in the driver, before any run or cluster exists; and by what each worker loads
     result = _gara("train", "--set", f"train.data={root}", "--set", f"train.val_data={root}",
                    "--set", f"train.mlflow.tracking_uri=file://{tmp_path / 'mlruns'}", *tiny_sets)
-    _one_line_error(result, kind)
+    _one_line_error(result, where)
     assert not (tmp_path / "mlruns").exists()
-    with pytest.raises(DatasetValidationError, match=kind):
+    with pytest.raises(DatasetValidationError, match=re.escape(where)):
         InstanceDataset(root)
     # evaluate
     result = _gara("evaluate", "--model", "base", "--data", root, "--out", tmp_path / "report",
                    "--no-progress", *tiny_sets)
-    _one_line_error(result, kind)
+    _one_line_error(result, where)
     after = {p: p.read_bytes() for p in before}
     assert after == before  # nothing changed, the files outside the folder included
 

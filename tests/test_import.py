@@ -424,17 +424,17 @@ def test_paths_outside_the_source_are_refused_and_never_read(tmp_path: Path,
     src.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "x"}]},
                               indent=1))
     opened: list[str] = []
-    real_open, real_copy = Image.open, shutil.copyfile
+    real_read, real_copy = Path.read_bytes, shutil.copyfile
 
-    def spy_open(fp, *args, **kwargs):
-        opened.append(str(fp))
-        return real_open(fp, *args, **kwargs)
+    def spy_read(path: Path) -> bytes:  # how the image reader (headers included) reads a file
+        opened.append(str(path))
+        return real_read(path)
 
     def spy_copy(source, target, **kwargs):
         opened.append(str(source))
         return real_copy(source, target, **kwargs)
 
-    monkeypatch.setattr(Image, "open", spy_open)
+    monkeypatch.setattr(Path, "read_bytes", spy_read)
     monkeypatch.setattr(shutil, "copyfile", spy_copy)
     result = run_import("--format", "coco", src, "--images", pics, "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
@@ -515,3 +515,58 @@ def test_bad_images_and_masks_are_skipped_with_reasons(tmp_path: Path) -> None:
             "says 74x48") in result.output
     assert "skipped image 4 (sa_4.png)" in result.output and "cannot decode" in result.output
     check_import(tmp_path / "out", expected)
+
+
+def test_polygons_follow_the_dataset_rules(tmp_path: Path) -> None:
+    """The rules every stage applies: a vertex up to 1 px past the border is kept (clipped when
+    read), 5 px past or fewer than 3 points is skipped with the validator's reason."""
+    pics = tmp_path / "data"
+    save_picture(pics / "a.png", [rect(5, 5, 30, 30)])
+    near = [-0.4, 5.0, 30.0, 5.0, 30.0, H + 0.4, -0.4, H + 0.4]
+    far = [5.0, 5.0, W + 5.0, 5.0, W + 5.0, 30.0, 5.0, 30.0]
+    anns = [{"id": k, "image_id": 1, "category_id": 1, "segmentation": [poly]}
+            for k, poly in ((1, near), (2, far), (3, [5.0, 5.0, 30.0, 30.0]))]
+    src = pics / "labels.json"
+    src.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "height": H, "width": W}],
+                               "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))
+    result = run_import("--format", "coco", src, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "1 images, 1 instances" in result.output and "skipped 2" in result.output
+    assert ("skipped instance 2 of image 1 (a.png): a polygon reaches 5 px outside the 64x48 image"
+            in result.output)
+    assert "skipped instance 3 of image 1 (a.png): polygons must be flat lists of >= 3" in result.output
+    (kept,) = load(tmp_path / "out")["annotations"]
+    assert kept["segmentation"] == [near] and kept["bbox"] == [0.0, 5.0, 30.0, float(H - 5)]
+    assert validate_dataset(tmp_path / "out") == []
+
+
+def test_a_labelme_image_outside_src_comes_from_images_or_imagedata(tmp_path: Path) -> None:
+    """labelme's usual `imagePath: ../images/x.png`: the file outside SRC is never read; the
+    same name under --images, or the embedded bytes, give the image, named after its JSON."""
+    outside = save_picture(tmp_path / "images/x.png", [rect(5, 5, 30, 30)])
+    src = tmp_path / "labels"
+    src.mkdir()
+    doc = {"imagePath": "../images/x.png", "imageData": base64.b64encode(outside.read_bytes()).decode(),
+           "imageHeight": H, "imageWidth": W,
+           "shapes": [{"label": "x", "points": [[5, 5], [30, 5], [30, 30]], "shape_type": "polygon"}]}
+    (src / "x.json").write_text(json.dumps(doc))
+    result = run_import("--format", "labelme", src, "--out", tmp_path / "embedded")
+    assert result.exit_code == 0 and "1 images, 1 instances" in result.output, result.output
+    assert [e["file_name"] for e in load(tmp_path / "embedded")["images"]] == ["images/x.png"]
+    (src / "x.json").write_text(json.dumps({**doc, "imageData": None}))
+    result = run_import("--format", "labelme", src, "--out", tmp_path / "via-images", "--images",
+                        tmp_path / "images")
+    assert result.exit_code == 0 and "1 images, 1 instances" in result.output, result.output
+    assert (tmp_path / "via-images/images/x.png").read_bytes() == outside.read_bytes()
+    result = run_import("--format", "labelme", src, "--out", tmp_path / "neither")
+    assert result.exit_code == 2 and "outside" in result.output and not (tmp_path / "neither").exists()
+
+
+def test_an_interrupted_corrupt_output_is_not_an_import_to_replace(tmp_path: Path) -> None:
+    out = tmp_path / "pairs"
+    (out / ".records").mkdir(parents=True)
+    (out / ".records/a.json").write_text("{}")
+    args, _, _ = make_sa1b(tmp_path)
+    result = run_import("--format", "sa1b", *args, "--out", out)
+    assert result.exit_code == 2 and "--out is not empty" in result.output
+    assert (out / ".records/a.json").read_text() == "{}"

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from gara.data.storage import DatasetStore, LocalStore
+from gara.data.storage import DatasetStore
 from gara.data.unlabelled import folder_coco, folder_images
 from gara.fsutil import atomic_write_json
 
@@ -83,10 +83,12 @@ def parse_coco(raw: bytes, where: str) -> dict[str, Any]:
     return coco
 
 
-def refuse_foreign_output(out: DatasetStore, owner_key: str, command: str) -> None:
+def refuse_foreign_output(out: DatasetStore, owner_key: str, command: str, *, resumable: bool = False
+                          ) -> None:
     """Refuse to write a dataset into ``out`` unless it is new, empty, or a dataset ``command``
-    wrote: its annotations.json carries the top-level ``owner_key`` (or, locally, the folder
-    holds an interrupted run's records). Another team's dataset is never overwritten."""
+    wrote: its annotations.json carries the top-level ``owner_key`` (or, for a ``resumable``
+    command, ``out`` holds the records of its interrupted run). Another team's dataset, or a
+    folder (prefix) holding other files, is never written into."""
     raw = out.read_optional(ANNOTATIONS_FILE)
     if raw is not None:
         try:
@@ -98,12 +100,13 @@ def refuse_foreign_output(out: DatasetStore, owner_key: str, command: str) -> No
                 f"{out.describe(ANNOTATIONS_FILE)}: --out holds a dataset that {command} did not write; "
                 "choose a new or empty folder (nothing was changed)")
         return
-    if isinstance(out, LocalStore) and out.root.is_dir() and not (out.root / RECORDS_DIR).is_dir():
-        stray = next(iter(sorted(out.root.iterdir())), None)
-        if stray is not None:
-            raise DatasetFormatError(
-                f"{out.root}: --out is not empty (it holds {stray.name}, and no dataset {command} wrote); "
-                "choose a new or empty folder (nothing was changed)")
+    if resumable and out.first_name(RECORDS_DIR) is not None:
+        return
+    stray = out.first_name()
+    if stray is not None:
+        raise DatasetFormatError(
+            f"{out.describe()}: --out is not empty (it holds {stray}, and no dataset {command} wrote); "
+            "choose a new or empty folder (nothing was changed)")
 
 
 def write_coco(root: str | Path, coco: dict[str, Any]) -> Path:
@@ -118,7 +121,7 @@ def annotation_mask(ann: dict[str, Any], height: int, width: int) -> np.ndarray:
     if isinstance(seg, list):
         if not seg:
             return np.zeros((height, width), dtype=bool)
-        rles = mask_utils.frPyObjects([_clipped(poly, height, width) for poly in seg], height, width)
+        rles = mask_utils.frPyObjects([clip_polygon(poly, height, width) for poly in seg], height, width)
         rle = mask_utils.merge(rles)
     elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
         rle = mask_utils.frPyObjects(seg, height, width) if isinstance(seg["counts"], list) else seg
@@ -131,7 +134,13 @@ def annotation_mask(ann: dict[str, Any], height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
-def _clipped(poly: list[float], height: int, width: int) -> list[float]:
+def polygon_overshoot(poly: list[float], height: int, width: int) -> float:
+    """How far (px) a flat x,y polygon reaches past the ``width`` x ``height`` image; 0 inside."""
+    xs, ys = poly[0::2], poly[1::2]
+    return max(-min(xs), -min(ys), max(xs) - width, max(ys) - height, 0.0)
+
+
+def clip_polygon(poly: list[float], height: int, width: int) -> list[float]:
     """A flat x,y polygon with every vertex moved inside the ``width`` x ``height`` image."""
     xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
     return np.clip(xy, 0, [width, height]).ravel().tolist()

@@ -346,7 +346,7 @@ def corrupt_dataset(
     if within(out_store, data_store):
         raise ValueError(f"--out {out} is the input dataset {data} or inside it (a later read would take "
                          "the outputs in as photos); choose a folder outside it")
-    refuse_foreign_output(out_store, "corruption", "gara corrupt")
+    refuse_foreign_output(out_store, "corruption", "gara corrupt", resumable=True)
 
     raw_coco = data_store.read_optional(ANNOTATIONS_FILE)
     if raw_coco is not None:

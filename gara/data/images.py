@@ -42,13 +42,13 @@ class ImageReadError(OSError):
     """An image file cannot be used: unreadable, truncated, too large or of an unknown scale."""
 
 
-def _open(data: bytes, where: str) -> Image.Image:
+def _open(data: bytes, where: str, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageReadError(f"{where}: the file is empty")
     try:
         return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
-        raise ImageReadError(f"{where}: over the limit of {MAX_IMAGE_PIXELS:,} pixels; "
+        raise ImageReadError(f"{where}: over the limit of {max_pixels:,} pixels; "
                              "downscale it first") from None
     except UnidentifiedImageError:
         raise ImageReadError(f"{where}: not a readable image (unknown format or damaged header)") from None
@@ -57,6 +57,11 @@ def _open(data: bytes, where: str) -> Image.Image:
 
 
 def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation, from the header: Pillow's ``getexif`` would decode a whole PNG to
+    look for an eXIf chunk after its pixels, so a PNG's EXIF counts only when it comes first
+    (as every writer we know puts it), the same for the header and the decode."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
     try:
         return int(img.getexif().get(_EXIF_ORIENTATION, 1))
     except Exception:  # a damaged EXIF block: the stored orientation is all there is
@@ -78,7 +83,7 @@ def displayed_size(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tupl
 
 def header_size(data: bytes, where: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """:func:`displayed_size` of encoded image bytes."""
-    with _open(data, where) as img:
+    with _open(data, where, max_pixels) as img:
         _check_pixels(img.size, where, max_pixels)
         width, height = img.size
         return (height, width) if _orientation(img) in _TRANSPOSED else (width, height)
@@ -87,13 +92,14 @@ def header_size(data: bytes, where: str, max_pixels: int = MAX_IMAGE_PIXELS) -> 
 def decode_image(data: bytes, where: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Encoded image bytes -> RGB uint8 (H, W, 3), upright, by the module's rules; ``where``
     names the source in every error (:class:`ImageReadError`)."""
-    with _open(data, where) as img:
+    with _open(data, where, max_pixels) as img:
         _check_pixels(img.size, where, max_pixels)
+        orientation = _orientation(img)
         try:
             img.load()
             if img.format == "PNG" and not _png_complete(data):
                 raise ImageReadError(f"{where}: truncated PNG file (no complete IEND chunk)")
-            upright = ImageOps.exif_transpose(img) if _orientation(img) != 1 else img
+            upright = ImageOps.exif_transpose(img) if orientation != 1 else img
             return _to_rgb(upright, where)
         except ImageReadError:
             raise

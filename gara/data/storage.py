@@ -72,6 +72,7 @@ class DatasetStore(Protocol):
     def read_optional(self, name: str) -> bytes | None: ...
     def write_bytes(self, name: str, data: bytes) -> None: ...
     def delete(self, name: str) -> bool: ...
+    def first_name(self, under: str = "") -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,12 @@ class LocalStore:
             return False
         path.unlink()
         return True
+
+    def first_name(self, under: str = "") -> str | None:
+        """The first entry (sorted) in the folder, or in its sub-folder ``under``; None if empty."""
+        folder = self._path(under) if under else self.root
+        entry = next(iter(sorted(folder.iterdir())), None) if folder.is_dir() else None
+        return None if entry is None else entry.relative_to(self.root).as_posix()
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,18 @@ class S3Store:
             return False
         self._call(name, "delete_object")
         return True
+
+    def first_name(self, under: str = "") -> str | None:
+        """The name of one object under the prefix (or its ``under``/), None if there is none."""
+        from botocore.exceptions import ClientError
+
+        prefix = f"{self._key(under)}/" if under else (f"{self.prefix}/" if self.prefix else "")
+        try:
+            listed = _client().list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
+        except ClientError as exc:
+            raise OSError(f"{self.describe(under)}: {exc}") from exc
+        keys = [item["Key"] for item in listed.get("Contents", [])]
+        return keys[0][len(self.prefix) + 1 if self.prefix else 0:] if keys else None
 
 
 def open_store(location: str | Path) -> LocalStore | S3Store:

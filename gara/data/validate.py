@@ -32,6 +32,7 @@ from gara.data.coco import (
     is_image_folder,
     mask_bbox,
     missing_annotations_hint,
+    polygon_overshoot,
     read_coco,
 )
 from gara.data.images import decode_image
@@ -407,11 +408,11 @@ class _Validator:
         height, width = size
         worst = 0.0
         for k, poly in enumerate(seg):
-            xs, ys = np.asarray(poly[0::2], float), np.asarray(poly[1::2], float)
-            past = max(-xs.min(), -ys.min(), xs.max() - width, ys.max() - height, 0.0)
+            past = polygon_overshoot(poly, height, width)
             if past > MAX_OVERSHOOT_PX:
+                xs, ys = poly[0::2], poly[1::2]
                 report(ProblemKind.MASK_OUTSIDE,
-                       f"polygon {k} spans x {xs.min():g}..{xs.max():g}, y {ys.min():g}..{ys.max():g}: "
+                       f"polygon {k} spans x {min(xs):g}..{max(xs):g}, y {min(ys):g}..{max(ys):g}: "
                        f"{past:g} px outside the {width}x{height} image (up to {MAX_OVERSHOOT_PX:g} px "
                        "is clipped)")
                 return None

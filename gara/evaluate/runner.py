@@ -45,6 +45,7 @@ from gara.data.coco import read_coco
 from gara.data.corrupt import CLEAN
 from gara.data.dataset import InstanceDataset, Sample
 from gara.data.prompts import PromptKind, prompts_from_masks
+from gara.data.storage import inside
 from gara.evaluate.metrics import instance_scores
 from gara.models.adapter_io import CONFIG_FILE, load_adapted_segmenter, read_manifest
 from gara.models.adapters.gara import GaRALinear, effective_ranks
@@ -342,7 +343,7 @@ def evaluation_set_id(
     files = {e["id"]: e["file_name"] for e in coco["images"] if isinstance(e, dict) and "id" in e}
     for info in sorted(images, key=lambda i: i.image_id):
         digest.update(f"{info.image_id}:".encode())
-        digest.update(hashlib.sha256((data / files[info.image_id]).read_bytes()).digest())
+        digest.update(hashlib.sha256(inside(data, files[info.image_id]).read_bytes()).digest())
     digest.update(repr((sorted(kinds), n_points, seed)).encode())
     return digest.hexdigest()[:16]
 

@@ -89,6 +89,10 @@ def _read(src: Path, images: Path | None, skip: Skip, lvis: bool) -> SourceData:
     def generate():
         for entry in entries:
             files, out_name = _files(entry, roots)
+            if counts[entry["id"]] > 1:
+                skip(f"image {entry['id']} ({out_name})",
+                     f"image id {entry['id']!r} is used by {counts[entry['id']]} entries")
+                continue
             size = (entry.get("height"), entry.get("width"))
             stated = all(is_int(v) and v > 0 for v in size)
             yield SourceImage(

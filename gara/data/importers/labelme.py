@@ -43,7 +43,8 @@ def read(src: Path, images: Path | None, skip: Skip) -> SourceData:
         doc = need(read_json(path), ("shapes",), str(path))
         if not isinstance(doc["shapes"], list):
             raise DatasetFormatError(f"{path}: key 'shapes' must be a list")
-        doc["imageData"] = bool(doc.get("imageData"))  # reread only if needed: it can be large
+        # reread only if needed: it can be large (anything but base64 text is unusable)
+        doc["imageData"] = isinstance(doc.get("imageData"), str) and bool(doc["imageData"])
         docs.append((path, rel, doc, _instances(path, rel, doc["shapes"], skip)))
     labels = sorted({label for *_, parts in docs for label, _ in parts.values()})
     ids = {label: i for i, label in enumerate(labels, start=1)}
@@ -72,6 +73,9 @@ def _image(src: Path, images: Path | None, path: Path, rel: str, doc: dict[str, 
         name = posixpath.normpath(posixpath.join(posixpath.dirname(rel), image_path))
         files = [(src, name)] + ([(images, PurePosixPath(image_path).name)] if images is not None else [])
         what, out_name = f"{rel} (image {image_path})", name
+        if name == ".." or name.startswith("../"):  # a file outside SRC is never read: --images or
+            # the embedded bytes may still give the image, named after its JSON
+            out_name = str(PurePosixPath(rel).with_suffix(PurePosixPath(image_path).suffix or ".png"))
     else:  # only the embedded bytes: name the file after the JSON, suffix from the bytes' format
         files, what, suffix = [], f"{rel} (embedded image)", ".png"
         if data is not None:

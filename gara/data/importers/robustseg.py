@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from gara.data.coco import DatasetFormatError, mask_to_rle
-from gara.data.images import displayed_size
+from gara.data.images import MAX_IMAGE_PIXELS, displayed_size
 from gara.data.importers.writer import CLEAN, Skip, SourceData, SourceImage, SourceInstance
 from gara.data.storage import inside
 from gara.data.unlabelled import IMAGE_SUFFIXES
@@ -74,10 +74,13 @@ def load_masks(src: Path, stem: str) -> list[np.ndarray]:
     a 2-D array is a label map (each distinct non-zero value one instance)."""
     npy, png = inside(src, f"{MASKS_DIR}/{stem}.npy"), inside(src, f"{MASKS_DIR}/{stem}.png")
     if npy.is_file():
-        try:
-            array = np.load(npy, allow_pickle=False)
+        try:  # mapped, not read: its shape is checked against the pixel limit first
+            array = np.load(npy, allow_pickle=False, mmap_mode="r")
         except ValueError as exc:  # object arrays need pickle: refused
             raise ValueError(f"{npy}: not a plain mask array ({exc})") from exc
+        if array.ndim >= 2 and array.shape[-1] * array.shape[-2] > MAX_IMAGE_PIXELS:
+            raise ValueError(f"{npy}: masks of {array.shape[-1]}x{array.shape[-2]} are over the limit of "
+                             f"{MAX_IMAGE_PIXELS:,} pixels")
     elif png.is_file():
         displayed_size(png)  # the pixel limit, before decoding
         with Image.open(png) as img:

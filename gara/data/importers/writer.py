@@ -27,9 +27,16 @@ from typing import Any
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from gara.data.coco import DatasetFormatError, refuse_foreign_output, write_coco
+from gara.data.coco import (
+    MAX_OVERSHOOT_PX,
+    DatasetFormatError,
+    clip_polygon,
+    polygon_overshoot,
+    refuse_foreign_output,
+    write_coco,
+)
 from gara.data.images import displayed_size, header_size
-from gara.data.storage import LocalStore, inside, relative_name, within
+from gara.data.storage import LocalStore, UnsafePathError, inside, relative_name, within
 from gara.data.validate import MIN_IMAGE_SIDE, ProblemKind, format_problems, validate_dataset
 
 OWNER_KEY = "imported"  # top-level key of annotations.json: this folder is an import's output
@@ -149,19 +156,19 @@ def _finite(value: Any) -> bool:
 
 
 def _encode(seg: Any, height: int, width: int) -> tuple[Any, dict[str, Any]]:
-    """(segmentation to store, its pycocotools RLE). Polygons stay polygons when they are well
-    formed and inside the image; otherwise their exact pycocotools raster is stored as RLE.
-    Raises ValueError saying what is wrong."""
+    """(segmentation to store, its pycocotools RLE), by the dataset rules (:mod:`gara.data.validate`):
+    polygons of >= 3 finite x,y pairs reaching at most ``MAX_OVERSHOOT_PX`` past the border (kept
+    as given; clipped when read), RLE of the image's size. Raises ValueError saying what is wrong."""
     if isinstance(seg, list):
-        if not seg or not all(isinstance(p, list) and p and all(map(_finite, p)) for p in seg):
-            raise ValueError("polygons must be a non-empty list of non-empty lists of numbers")
-        try:
-            rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-        except Exception as exc:  # pycocotools raises assorted types
-            raise ValueError(f"polygons do not rasterise ({exc})") from exc
-        tidy = all(len(p) >= 6 and len(p) % 2 == 0 and min(p[0::2]) >= 0 and max(p[0::2]) <= width
-                   and min(p[1::2]) >= 0 and max(p[1::2]) <= height for p in seg)
-        return (seg if tidy else {"size": [height, width], "counts": rle["counts"].decode("ascii")}), rle
+        if not seg or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+                              and all(map(_finite, p)) for p in seg):
+            raise ValueError("polygons must be flat lists of >= 3 finite x,y pairs")
+        past = max(polygon_overshoot(p, height, width) for p in seg)
+        if past > MAX_OVERSHOOT_PX:
+            raise ValueError(f"a polygon reaches {past:g} px outside the {width}x{height} image (up to "
+                             f"{MAX_OVERSHOOT_PX:g} px is clipped)")
+        clipped = [clip_polygon(p, height, width) for p in seg]
+        return seg, mask_utils.merge(mask_utils.frPyObjects(clipped, height, width))
     if not (isinstance(seg, dict) and "size" in seg and "counts" in seg):
         raise ValueError(f"segmentation must be polygons or RLE, got {type(seg).__name__}")
     if seg["size"] != [height, width]:
@@ -296,12 +303,19 @@ class ImportWriter:
 
     def _locate(self, image: SourceImage) -> tuple[Path | None, str]:
         """The first candidate file that exists (refusing unsafe names), else the bytes fallback."""
+        refused = []
         for root, name in image.files:
-            path = inside(root, name)
+            try:
+                path = inside(root, name)
+            except UnsafePathError as exc:  # never opened; the next candidate may do
+                refused.append(str(exc))
+                continue
             if path.is_file():
                 return path, name
         if image.data is not None:
             return None, image.out_name or ""
+        if refused:
+            raise UnsafePathError("; ".join(refused))
         tried = ", ".join(str(root / name) for root, name in image.files) or "no candidate path"
         raise FileNotFoundError(f"image file missing (tried {tried})")
 
@@ -322,7 +336,7 @@ class ImportWriter:
     def _annotation(self, inst: SourceInstance, image: SourceImage, image_id: int, height: int,
                     width: int, categories: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
         what = f"instance {inst.key} of {image.what}"
-        if inst.category_id not in categories:
+        if not is_int(inst.category_id) or inst.category_id not in categories:
             self.skip(what, f"category_id {inst.category_id!r} names no category")
             return None
         try:
@@ -341,7 +355,7 @@ class ImportWriter:
             return None
         ann = {**inst.extra, "id": self._take(inst.id, self._ann_ids), "image_id": image_id,
                "category_id": inst.category_id, "segmentation": seg, "bbox": bbox, "area": float(area),
-               "iscrowd": int(inst.iscrowd)}
+               "iscrowd": int(bool(inst.iscrowd))}
         self.annotations.append(ann)
         return ann
 
