@@ -406,3 +406,29 @@ def test_a_sigkilled_corrupt_leaves_no_worker_processes(tmp_path: Path, photo: n
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"processes outlived their killed parent: {left}"
+
+
+def test_corrupt_on_s3_applies_the_same_rules(s3_env, tmp_path: Path, photo: np.ndarray) -> None:
+    """An s3:// input is checked by the same rules, image by image as it is read; an s3:// --out
+    holding other objects, or another dataset, is refused and left as it was."""
+    client, bucket = s3_env.client(), s3_env.new_bucket()
+    good = _dataset(tmp_path / "good", {"images/a.png": _png(photo)})
+    bad, where = case_zero_bytes(tmp_path / "bad", photo)
+    for root in (good, bad):
+        for path in root.rglob("*"):
+            if path.is_file():
+                client.upload_file(str(path), bucket, f"{root.name}/{path.relative_to(root).as_posix()}")
+    client.put_object(Bucket=bucket, Key="theirs/notes.txt", Body=b"keep me")
+    client.put_object(Bucket=bucket, Key="other/annotations.json", Body=b'{"images": [], "annotations": []}')
+    common = ["--types", "fog", "--severities", "1", "--workers", "1", "--no-progress"]
+    _one_line_error(_gara("corrupt", "--data", f"s3://{bucket}/bad", "--out", f"s3://{bucket}/out", *common),
+                    where)
+    _one_line_error(_gara("corrupt", "--data", f"s3://{bucket}/good", "--out", f"s3://{bucket}/theirs",
+                          *common), "--out is not empty (it holds notes.txt")
+    _one_line_error(_gara("corrupt", "--data", f"s3://{bucket}/good", "--out", f"s3://{bucket}/other",
+                          *common), "holds a dataset that gara corrupt did not write")
+    listed = {o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert not any(key.startswith(("out/", "theirs/images", "other/images")) for key in listed), listed
+    for _ in range(2):  # a new prefix, then its own output again
+        result = _gara("corrupt", "--data", f"s3://{bucket}/good", "--out", f"s3://{bucket}/new", *common)
+        assert result.exit_code == 0, result.output
