@@ -432,3 +432,19 @@ def test_corrupt_on_s3_applies_the_same_rules(s3_env, tmp_path: Path, photo: np.
     for _ in range(2):  # a new prefix, then its own output again
         result = _gara("corrupt", "--data", f"s3://{bucket}/good", "--out", f"s3://{bucket}/new", *common)
         assert result.exit_code == 0, result.output
+
+
+def test_weak_label_sets_follow_the_same_rules(tmp_path: Path, photo: np.ndarray) -> None:
+    """WeSAM reads boxes without masks (its own loader): ids, paths and the reader are the same."""
+    from gara.data.weak_labels import WeakLabelDataset
+
+    boxes_only = [{k: v for k, v in _ann(1, 1).items() if k != "segmentation"}]
+    root, _ = case_duplicate_ids(tmp_path / "dup", photo)
+    with pytest.raises(ValueError, match="image id 1 is used by images/a.png and images/b.png"):
+        WeakLabelDataset(root)
+    root, _ = case_dotdot(tmp_path / "dotdot", photo)
+    with pytest.raises(ValueError, match="points outside the dataset"):
+        WeakLabelDataset(root)
+    rotated = _dataset(tmp_path / "rotated", {"images/a.png": _png(np.rot90(photo, k=1), orientation=6)},
+                       None, boxes_only)
+    np.testing.assert_array_equal(WeakLabelDataset(rotated)[0]["image"], photo)

@@ -27,6 +27,7 @@ import torch
 from gara.data.coco import DatasetFormatError, annotation_mask, annotations_path, read_coco
 from gara.data.dataset import AnnotatedImages, OnError, instance_fields
 from gara.data.prompts import positive_points
+from gara.data.storage import relative_name
 from gara.models.segmenter import Prompts
 from gara.seeding import seeded_rng
 
@@ -147,6 +148,11 @@ class WeakLabelDataset(AnnotatedImages):
             if not isinstance(entry, dict) or not all(k in entry for k in IMAGE_KEYS):
                 raise DatasetFormatError(f"{annotations_path(self.root)}: image entry {entry!r:.80} lacks "
                                          "id, file_name, height or width")
+            if entry["id"] in entries:  # never merge two photos' labels (the rule every stage applies)
+                first = entries[entry["id"]]["file_name"]
+                raise DatasetFormatError(f"{annotations_path(self.root)}: image id {entry['id']!r} is used "
+                                         f"by {first} and {entry['file_name']}")
+            relative_name(str(entry["file_name"]), f"{annotations_path(self.root)}: image {entry['id']}")
             entries[entry["id"]] = entry
         self._annotations: dict[int, list[dict[str, Any]]] = {i: [] for i in entries}
         for ann in coco["annotations"]:

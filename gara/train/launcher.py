@@ -32,6 +32,7 @@ from gara.cluster import ray_session
 from gara.config import Params
 from gara.data.coco import ANNOTATIONS_FILE, DatasetFormatError, annotations_path, is_image_folder, read_coco
 from gara.data.validate import DatasetValidationError, validate_dataset
+from gara.data.weak_labels import WeakLabelDataset
 from gara.models.backbones import get_backbone_spec
 from gara.models.checkpoints import CheckpointError, resolve_checkpoint
 from gara.models.manifest import read_manifest
@@ -163,10 +164,16 @@ def check_data(params: Params) -> None:
             hint = f": a plain folder of images (unlabelled); run {corrupt_first}" if (
                 key == "data" and is_image_folder(folder)) else ""
             raise DatasetFormatError(f"train.{key} = {folder}: no {ANNOTATIONS_FILE} there{hint}")
-        if train.on_error == "fail":  # the dataset rules, one line each, before any worker starts
-            problems = validate_dataset(folder)
-            if problems:
-                raise DatasetValidationError(folder, problems)
+        if train.on_error != "fail":
+            continue
+        # The dataset rules, one line each, before any worker starts. WeSAM's training set may hold
+        # boxes without masks: its weak-label rules are checked instead (no image decoded).
+        if key == "data" and train.method == "wesam":
+            WeakLabelDataset(folder, train.wesam.weak_labels, train.wesam.n_points, train.seed, "fail")
+            continue
+        problems = validate_dataset(folder)
+        if problems:
+            raise DatasetValidationError(folder, problems)
     coco = read_coco(train.data)
     if train.method == "distill":
         if not any(isinstance(e, dict) and "source_image_id" in e for e in coco["images"]):
