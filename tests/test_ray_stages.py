@@ -178,13 +178,16 @@ def test_a_killed_worker_has_its_shard_scored_again_and_counted_once(ray_cluster
     assert [i.image_id for i in result.images] == list(range(1, 13))
 
 
-def test_a_workers_error_is_raised_as_itself_and_a_bad_model_before_any_worker(ray_cluster, models, photos,
-                                                                               tmp_path):
+def test_a_workers_bad_image_is_named_once_all_are_done_and_a_bad_model_before_any_worker(
+        ray_cluster, models, photos, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(photos, broken)
-    (broken / "images" / "3.png").write_bytes(b"")  # raised in the actor that gets image 3
-    with pytest.raises(ValueError, match=r"^.*broken/images/3\.png: not a readable image$"):
+    (broken / "images" / "3.png").write_bytes(b"")  # found by the actor that gets image 3
+    with pytest.raises(ValueError, match=r"broken: images/3\.png, image 3: \[unreadable-image\] .*empty$"):
         corrupt_dataset(broken, tmp_path / "out", progress=False, ray_workers=WORKERS, **CORRUPT)
+    # reported once every actor is done: the other images' variants are there for a re-run
+    records = sorted(p.name for p in (tmp_path / "out" / ".records").rglob("*.json"))
+    assert records == ["1.json", "2.json", "4.json"]
     config, _ = models
     with pytest.raises(ModelSpecError, match="no-adapter does not exist"):
         evaluate_on_ray(["base", str(tmp_path / "no-adapter")], config, None, photos, EvaluateConfig(),
