@@ -570,3 +570,20 @@ def test_an_interrupted_corrupt_output_is_not_an_import_to_replace(tmp_path: Pat
     result = run_import("--format", "sa1b", *args, "--out", out)
     assert result.exit_code == 2 and "--out is not empty" in result.output
     assert (out / ".records/a.json").read_text() == "{}"
+
+
+def test_a_too_small_image_is_skipped_by_the_shared_rule(tmp_path: Path) -> None:
+    pics = tmp_path / "data"
+    save_picture(pics / "a.png", [rect(5, 5, 30, 30)])
+    Image.new("RGB", (20, 20)).save(pics / "tiny.png")
+    images = [{"id": 1, "file_name": "a.png", "height": H, "width": W},
+              {"id": 2, "file_name": "tiny.png", "height": 20, "width": 20}]
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": mask_to_rle(rect(5, 5, 30, 30))}]
+    src = pics / "labels.json"
+    categories = [{"id": 1, "name": "x"}]
+    src.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
+    result = run_import("--format", "coco", src, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "1 images, 1 instances" in result.output
+    assert "skipped image 2 (tiny.png): image is 20x20: both sides must be >= 32 px" in result.output
+    assert validate_dataset(tmp_path / "out") == []

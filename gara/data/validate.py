@@ -155,11 +155,11 @@ def _image_problem(store: DatasetStore, entry: dict[str, Any]) -> list[Problem]:
     return []
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return (isinstance(value, int | float) and not isinstance(value, bool)
             and math.isfinite(value))
 
@@ -267,7 +267,7 @@ class _Validator:
         for index, cat in enumerate(categories):
             if self.missing_keys(f"categories[{index}]", cat, ("id", "name")):
                 continue
-            if not _is_int(cat["id"]):
+            if not is_int(cat["id"]):
                 self.add(ProblemKind.BAD_VALUE,
                          f"categories[{index}]: id must be an integer, got {cat['id']!r}")
                 continue
@@ -289,7 +289,7 @@ class _Validator:
                 self.add(ProblemKind.UNREADABLE_IMAGE, entry[UNREADABLE_KEY],
                          file=entry["file_name"], image_id=image_id)
                 continue
-            if not _is_int(image_id):
+            if not is_int(image_id):
                 self.add(ProblemKind.BAD_VALUE, f"{what}: id must be an integer, got {image_id!r}",
                          image_id=image_id)
                 continue
@@ -314,7 +314,7 @@ class _Validator:
     def image_entry_ok(self, what: str, entry: dict[str, Any]) -> bool:
         image_id, ok = entry["id"], True
         for key in ("height", "width"):
-            if not _is_int(entry[key]) or entry[key] <= 0:
+            if not is_int(entry[key]) or entry[key] <= 0:
                 self.add(ProblemKind.BAD_VALUE,
                          f"{what}: {key} must be a positive integer, got {entry[key]!r}",
                          image_id=image_id)
@@ -348,7 +348,7 @@ class _Validator:
                     self.add(ProblemKind.BAD_BBOX, f"{what}: bbox is missing",
                              image_id=image_id, ann_id=ann_id)
                 continue
-            if not _is_int(ann_id):
+            if not is_int(ann_id):
                 self.add(ProblemKind.BAD_VALUE, f"{what}: id must be an integer, got {ann_id!r}",
                          image_id=image_id, ann_id=ann_id)
             else:
@@ -398,7 +398,7 @@ class _Validator:
             return None
         for k, poly in enumerate(seg):
             if (not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2
-                    or not all(_is_number(v) for v in poly)):
+                    or not all(is_number(v) for v in poly)):
                 report(ProblemKind.BAD_SEGMENTATION,
                        f"polygon {k} must be a flat list of >= 3 finite x,y pairs, "
                        f"got {poly!r:.80}")
@@ -428,13 +428,13 @@ class _Validator:
                   report: Report) -> np.ndarray | None:
         rle_size, counts = seg.get("size"), seg.get("counts")
         if (not isinstance(rle_size, list) or len(rle_size) != 2
-                or not all(_is_int(v) and v >= 0 for v in rle_size)):
+                or not all(is_int(v) and v >= 0 for v in rle_size)):
             report(ProblemKind.BAD_SEGMENTATION,
                    f"RLE 'size' must be [height, width], got {rle_size!r:.60}")
             return None
         h, w = rle_size
         if isinstance(counts, list):
-            if not all(_is_int(v) and v >= 0 for v in counts) or sum(counts) != h * w:
+            if not all(is_int(v) and v >= 0 for v in counts) or sum(counts) != h * w:
                 report(ProblemKind.BAD_SEGMENTATION,
                        f"uncompressed RLE counts must be non-negative integers summing to "
                        f"{h}*{w}={h * w}")
@@ -465,7 +465,7 @@ class _Validator:
         if not present:
             report(ProblemKind.BAD_BBOX, "bbox is missing")
             return
-        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(is_number(v) for v in bbox):
             report(ProblemKind.BAD_BBOX, f"bbox must be [x, y, w, h] numbers, got {bbox!r:.60}")
             return
         x, y, w, h = bbox

@@ -17,7 +17,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from gara.data.coco import DatasetFormatError, parse_coco
-from gara.data.importers.writer import Skip, SourceData, SourceImage, SourceInstance, is_int, need
+from gara.data.importers.writer import Skip, SourceData, SourceImage, SourceInstance, need
+from gara.data.validate import is_int
 
 _SPLIT = re.compile(r"_([A-Za-z]+\d*)$")  # instances_val2017 -> val2017
 # Annotation keys the writer sets itself; every other key is kept.

@@ -25,11 +25,11 @@ from gara.data.importers.writer import (
     SourceData,
     SourceImage,
     SourceInstance,
-    is_int,
     listed,
     need,
     read_json,
 )
+from gara.data.validate import is_int
 
 CIRCLE_VERTICES = 32
 AREA_SHAPES = ("polygon", "rectangle", "circle")

@@ -18,8 +18,9 @@ import numpy as np
 from PIL import Image
 
 from gara.data.coco import DatasetFormatError, mask_to_rle
+from gara.data.corrupt import CLEAN
 from gara.data.images import MAX_IMAGE_PIXELS, displayed_size
-from gara.data.importers.writer import CLEAN, Skip, SourceData, SourceImage, SourceInstance
+from gara.data.importers.writer import Skip, SourceData, SourceImage, SourceInstance
 from gara.data.storage import inside
 from gara.data.unlabelled import IMAGE_SUFFIXES
 

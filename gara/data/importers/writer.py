@@ -14,7 +14,6 @@ decoded once, by the final validation, and masks are checked and boxed on their 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -35,15 +34,16 @@ from gara.data.coco import (
     refuse_foreign_output,
     write_coco,
 )
+from gara.data.corrupt import CLEAN
 from gara.data.images import displayed_size, header_size
 from gara.data.storage import LocalStore, UnsafePathError, inside, relative_name, within
-from gara.data.validate import MIN_IMAGE_SIDE, ProblemKind, format_problems, validate_dataset
+from gara.data.validate import ProblemKind, format_problems, is_int, is_number, validate_dataset
 
 OWNER_KEY = "imported"  # top-level key of annotations.json: this folder is an import's output
 COMMAND = "gara data import"
-CLEAN = "clean"
-# Image-level problems only a full decode finds (the writer reads headers): the final
-# validation's decode drops such an image with its reason instead of failing the import.
+# Image-level problems the final validation finds (the writer reads only headers; the image
+# rules, the minimum side included, are validation's): such an image is dropped with its
+# reason instead of failing the import.
 _IMAGE_PROBLEMS = {ProblemKind.MISSING_FILE, ProblemKind.UNREADABLE_IMAGE, ProblemKind.SIZE_MISMATCH,
                    ProblemKind.TOO_SMALL}
 
@@ -116,10 +116,6 @@ def read_json(path: Path) -> Any:
         raise DatasetFormatError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def need(entry: Any, keys: tuple[str, ...], where: str) -> dict[str, Any]:
     """``entry`` as a dict holding ``keys``, or DatasetFormatError naming where and which key."""
     if not isinstance(entry, dict):
@@ -151,17 +147,13 @@ def listed(root: Path, pattern: str, fmt: str, holds: str) -> list[Path]:
 # --- masks ------------------------------------------------------------------------------------
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _encode(seg: Any, height: int, width: int) -> tuple[Any, dict[str, Any]]:
     """(segmentation to store, its pycocotools RLE), by the dataset rules (:mod:`gara.data.validate`):
     polygons of >= 3 finite x,y pairs reaching at most ``MAX_OVERSHOOT_PX`` past the border (kept
     as given; clipped when read), RLE of the image's size. Raises ValueError saying what is wrong."""
     if isinstance(seg, list):
         if not seg or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
-                              and all(map(_finite, p)) for p in seg):
+                              and all(map(is_number, p)) for p in seg):
             raise ValueError("polygons must be flat lists of >= 3 finite x,y pairs")
         past = max(polygon_overshoot(p, height, width) for p in seg)
         if past > MAX_OVERSHOOT_PX:
@@ -271,9 +263,6 @@ class ImportWriter:
         if image.size is not None and tuple(image.size) != (height, width):
             self.skip(what, f"the file is {width}x{height} (WxH) but the source says "
                             f"{image.size[1]}x{image.size[0]}")
-            return
-        if min(height, width) < MIN_IMAGE_SIDE:
-            self.skip(what, f"image is {width}x{height}: both sides must be >= {MIN_IMAGE_SIDE} px")
             return
         if rel in self._names:
             self.skip(what, f"another image is already written as {rel}")
